@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every check and test, as CI does. Needs root (tests create network namespaces).
+# Installs what it needs itself on a fresh Debian 12 machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in iproute2 nftables curl iperf3; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "==> installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> tests"
+cargo nextest run --workspace --locked --no-fail-fast "$@"
+cargo test --workspace --doc --locked

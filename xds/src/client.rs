@@ -1,0 +1,1 @@
+//! Delta-ADS client (filled in below).
