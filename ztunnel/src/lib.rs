@@ -1,0 +1,5 @@
+//! ztunnel: the mesh's node L4 proxy.
+
+pub mod localconfig;
+pub mod rbac;
+pub mod state;

@@ -1,0 +1,1 @@
+//! Istio ztunnel's standalone YAML config (LOCAL_XDS_PATH).

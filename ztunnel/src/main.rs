@@ -1,0 +1,5 @@
+//! ztunnel binary entry point.
+
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}

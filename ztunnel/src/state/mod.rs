@@ -1,0 +1,1 @@
+//! Workloads, services and policies known to this ztunnel.
