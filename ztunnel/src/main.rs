@@ -1,5 +1,51 @@
-//! ztunnel binary entry point.
+//! ztunnel binary: parse flags, set up logging, run.
+
+use std::sync::Arc;
+
+use clap::Parser;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, reload};
+use ztunnel::app::{self, LogControl};
+use ztunnel::config::{Args, LogFormat};
 
 fn main() -> anyhow::Result<()> {
-    Ok(())
+    let args = Args::parse();
+    let logs = init_logging(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.max(1))
+        .thread_name("ztunnel-worker")
+        .enable_all()
+        .build()?;
+    runtime.block_on(app::run(args, logs))
+}
+
+fn init_logging(args: &Args) -> anyhow::Result<LogControl> {
+    let filter = EnvFilter::try_new(&args.log_level)
+        .map_err(|e| anyhow::anyhow!("invalid log filter {:?}: {e}", args.log_level))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = match args.log_format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Plain => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    let current = Arc::new(std::sync::Mutex::new(args.log_level.clone()));
+    let read = current.clone();
+    Ok(LogControl {
+        current: Arc::new(move || read.lock().map(|s| s.clone()).unwrap_or_default()),
+        set: Arc::new(move |level: &str| {
+            let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid filter: {e}"))?;
+            handle.reload(filter).map_err(|e| e.to_string())?;
+            if let Ok(mut c) = current.lock() {
+                *c = level.to_string();
+            }
+            Ok(level.to_string())
+        }),
+    })
 }

@@ -1,0 +1,180 @@
+//! Shared (in-pod) mode: the node agent hands us each ambient pod's netns over ZDS and we run a
+//! proxy inside it. Proxies outlive the ZDS connection: if the agent restarts, traffic keeps
+//! flowing and the new snapshot reconciles what runs.
+
+pub mod zds;
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use xds::istio::workload::zds::{
+    Ack, WorkloadRequest, WorkloadResponse, workload_request::Payload, workload_response,
+};
+
+use crate::netns::Netns;
+use crate::proxy::{Proxy, Shared, WorkloadInfo};
+use crate::readiness::ReadyGuard;
+use zds::{ZdsConnection, ZdsError};
+
+/// A running per-pod proxy.
+struct Running {
+    info: WorkloadInfo,
+    drain: CancellationToken,
+}
+
+/// Starts and stops per-pod proxies as the node agent asks.
+pub struct InpodManager {
+    shared: Shared,
+    uds: PathBuf,
+    host_netns: Arc<OwnedFd>,
+    proxies: HashMap<String, Running>,
+    tasks: TaskTracker,
+}
+
+impl InpodManager {
+    /// A manager connecting to the node agent at `uds`.
+    pub fn new(shared: Shared, uds: PathBuf, host_netns: Arc<OwnedFd>) -> Self {
+        Self {
+            shared,
+            uds,
+            host_netns,
+            proxies: HashMap::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Serves ZDS until `drain` is cancelled, then drains every proxy and waits for them.
+    pub async fn run(mut self, drain: CancellationToken, mut ready: Option<ReadyGuard>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = tokio::select! {
+                r = self.serve_connection(&mut ready) => r,
+                _ = drain.cancelled() => break,
+            };
+            match result {
+                Err(ZdsError::Closed) => tracing::info!("node agent closed the ZDS connection"),
+                Err(e) => tracing::warn!(error = %e, uds = %self.uds.display(), "ZDS connection failed"),
+                Ok(()) => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = drain.cancelled() => break,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        tracing::info!(proxies = self.proxies.len(), "draining in-pod proxies");
+        for (_, p) in self.proxies.drain() {
+            p.drain.cancel();
+        }
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    async fn serve_connection(&mut self, ready: &mut Option<ReadyGuard>) -> Result<(), ZdsError> {
+        let conn = ZdsConnection::connect(&self.uds).await?;
+        conn.send_hello().await?;
+        tracing::info!(uds = %self.uds.display(), "connected to node agent");
+        let mut seen: HashSet<String> = HashSet::new();
+        loop {
+            let (req, fd) = conn.recv().await?;
+            let error = self.apply(req, fd, &mut seen, ready);
+            if let Some(e) = &error {
+                tracing::warn!(error = %e, "ZDS request failed");
+            }
+            let resp = WorkloadResponse {
+                payload: Some(workload_response::Payload::Ack(Ack {
+                    error: error.unwrap_or_default(),
+                })),
+            };
+            conn.send_response(&resp).await?;
+        }
+    }
+
+    /// Applies one request; returns the error to report in the ack.
+    fn apply(
+        &mut self,
+        req: WorkloadRequest,
+        fd: Option<OwnedFd>,
+        seen: &mut HashSet<String>,
+        ready: &mut Option<ReadyGuard>,
+    ) -> Option<String> {
+        match req.payload {
+            Some(Payload::Add(add)) => {
+                let Some(fd) = fd else {
+                    return Some(format!("add {}: no netns fd attached", add.uid));
+                };
+                let Some(info) = add.workload_info.filter(|i| !i.name.is_empty()) else {
+                    return Some(format!("add {}: missing workload_info", add.uid));
+                };
+                seen.insert(add.uid.clone());
+                let info = WorkloadInfo {
+                    name: info.name,
+                    namespace: info.namespace,
+                    service_account: if info.service_account.is_empty() {
+                        "default".into()
+                    } else {
+                        info.service_account
+                    },
+                };
+                if let Some(running) = self.proxies.get(&add.uid) {
+                    if running.info == info {
+                        // Already serving it (the agent restarted): keep the existing listeners.
+                        return None;
+                    }
+                    self.stop(&add.uid);
+                }
+                self.start(add.uid, info, fd).err()
+            }
+            Some(Payload::Keep(keep)) => {
+                seen.insert(keep.uid.clone());
+                (!self.proxies.contains_key(&keep.uid))
+                    .then(|| format!("keep {}: not running here", keep.uid))
+            }
+            Some(Payload::Del(del)) => {
+                seen.remove(&del.uid);
+                self.stop(&del.uid);
+                None
+            }
+            Some(Payload::SnapshotSent(_)) => {
+                let stale: Vec<String> = self
+                    .proxies
+                    .keys()
+                    .filter(|uid| !seen.contains(*uid))
+                    .cloned()
+                    .collect();
+                for uid in stale {
+                    tracing::info!(%uid, "pod not in the node agent's snapshot; stopping its proxy");
+                    self.stop(&uid);
+                }
+                if let Some(r) = ready.take() {
+                    r.ready();
+                }
+                None
+            }
+            None => Some("empty request".into()),
+        }
+    }
+
+    fn start(&mut self, uid: String, info: WorkloadInfo, fd: OwnedFd) -> Result<(), String> {
+        let netns = Netns::pod(fd, self.host_netns.clone());
+        let proxy = Proxy::bind(self.shared.clone(), info.clone(), netns)
+            .map_err(|e| format!("add {uid}: binding listeners in the pod netns: {e}"))?;
+        let drain = CancellationToken::new();
+        self.tasks.spawn(proxy.run(drain.clone()));
+        tracing::info!(%uid, workload = ?info, "pod enrolled");
+        self.proxies.insert(uid, Running { info, drain });
+        Ok(())
+    }
+
+    fn stop(&mut self, uid: &str) {
+        if let Some(p) = self.proxies.remove(uid) {
+            tracing::info!(%uid, workload = ?p.info, "pod removed; draining its proxy");
+            p.drain.cancel();
+        }
+    }
+}

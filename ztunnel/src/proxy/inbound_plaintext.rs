@@ -1,0 +1,113 @@
+//! Inbound plaintext (15006): TCP that reached the pod without HBONE (TPROXYed, so the accepted
+//! socket's local address is the original destination). Allowed unless policy denies it, which is
+//! how PeerAuthentication STRICT is expressed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::inbound::inbound_labels;
+use super::{INBOUND_PLAINTEXT_PORT, ProxyInputs, accept_loop};
+use crate::accesslog::{ConnectionLog, Direction};
+use crate::rbac::{self, Decision};
+use crate::socket;
+use crate::state::NetworkAddress;
+
+/// Accepts captured plaintext connections until draining starts.
+pub async fn serve(
+    inputs: Arc<ProxyInputs>,
+    listener: TcpListener,
+    drain: CancellationToken,
+    conns: TaskTracker,
+) {
+    accept_loop("inbound_plaintext", listener, drain, |stream, peer| {
+        conns.spawn(handle(inputs.clone(), stream, peer));
+    })
+    .await
+}
+
+async fn handle(inputs: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let _ = client.set_nodelay(true);
+    let peer = socket::canonical(peer);
+    let dst = match client.local_addr() {
+        Ok(a) => socket::canonical(a),
+        Err(_) => return,
+    };
+    let mut log = ConnectionLog::new(Direction::Inbound, peer, dst);
+    // A direct connection to the listener itself would loop back into it.
+    if dst.port() == INBOUND_PLAINTEXT_PORT {
+        log.error = Some("refusing direct connection to the capture port".into());
+        log.emit();
+        return;
+    }
+    let Some(local) = inputs.local_workload() else {
+        inputs.shared.metrics.hbone_rejected("no_workload");
+        log.error = Some("local workload unknown".into());
+        log.emit();
+        return;
+    };
+    let src_workload = {
+        let addr = NetworkAddress::new(inputs.shared.config.network.clone(), peer.ip());
+        inputs.shared.state.read().workload_by_ip(&addr)
+    };
+    let labels = inbound_labels(src_workload.as_deref(), None, &local, false);
+    log.src_workload = src_workload.as_ref().map(|w| w.name.clone());
+    log.src_namespace = src_workload.as_ref().map(|w| w.namespace.clone());
+    log.dst_workload = Some(local.name.clone());
+    log.dst_namespace = Some(local.namespace.clone());
+    let conn = rbac::Connection {
+        src_identity: None,
+        src_ip: peer.ip(),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    };
+    let policies = inputs.shared.state.read().policies_for(&local);
+    if let Decision::Deny { reason, .. } = rbac::authorize(&policies, &conn) {
+        inputs.shared.metrics.connection_failed(&labels);
+        log.error = Some(format!("denied by policy: {reason}"));
+        log.duration = started.elapsed();
+        log.emit();
+        return;
+    }
+    let spoof = (!local.addresses.contains(&peer.ip())).then_some(peer.ip());
+    let connect = socket::connect(&inputs.netns, dst, spoof);
+    let mut upstream =
+        match tokio::time::timeout(inputs.shared.config.connect_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                inputs.shared.metrics.connection_failed(&labels);
+                log.error = Some(format!("connect to app {dst}: {e}"));
+                log.emit();
+                return;
+            }
+            Err(_) => {
+                inputs.shared.metrics.connection_failed(&labels);
+                log.error = Some(format!("connect to app {dst}: timed out"));
+                log.emit();
+                return;
+            }
+        };
+    let tracked = inputs.conns.track(conn);
+    let mut guard = inputs.shared.metrics.open_connection(&labels);
+    let copied = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r.map_err(|e| e.to_string()),
+        _ = tracked.denied() => Err("closed: denied by updated policy".to_string()),
+        _ = inputs.force_close.cancelled() => Err("closed: drain deadline".to_string()),
+    };
+    match copied {
+        Ok((from_client, to_client)) => {
+            guard.record_bytes(from_client, to_client);
+            log.bytes_sent = from_client;
+            log.bytes_recv = to_client;
+        }
+        Err(e) => log.error = Some(e),
+    }
+    guard.close();
+    log.duration = started.elapsed();
+    log.emit();
+}

@@ -1,0 +1,284 @@
+//! The per-workload proxy: three listeners (outbound 15001, inbound plaintext 15006, HBONE
+//! 15008) created in the workload's netns, sharing the process-wide state, certificates and
+//! metrics.
+
+pub mod conntrack;
+pub mod inbound;
+pub mod inbound_plaintext;
+pub mod outbound;
+pub mod telemetry;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hbone::Identity;
+use hbone::certificate::WorkloadCertificate;
+use hbone::pool::{Connector, Pool, PoolConfig};
+use hbone::server::ServerSettings;
+use hbone::store::CertStore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::netns::Netns;
+use crate::socket::{self, ListenOptions};
+use crate::state::{StateStore, Workload};
+
+/// Port of the outbound capture listener.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the inbound plaintext capture listener.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// Port of the HBONE (mTLS) listener.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Settings shared by every proxy in the process.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Cluster reported in metrics and baggage.
+    pub cluster_id: String,
+    /// Trust domain of local identities.
+    pub trust_domain: String,
+    /// Network of local workloads (for IP lookups).
+    pub network: String,
+    /// How long draining connections may continue before they are cut.
+    pub drain_deadline: Duration,
+    /// HBONE client pool settings.
+    pub pool: PoolConfig,
+    /// HBONE server settings.
+    pub server: ServerSettings,
+    /// Timeout for upstream TCP connects.
+    pub connect_timeout: Duration,
+}
+
+/// Process-wide inputs every proxy uses.
+#[derive(Clone)]
+pub struct Shared {
+    /// Workloads, services and policies.
+    pub state: StateStore,
+    /// Certificates of local identities.
+    pub certs: CertStore,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Settings.
+    pub config: Arc<ProxyConfig>,
+}
+
+/// The workload a proxy serves, as the node agent (ZDS) or `PROXY_WORKLOAD_INFO` names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct WorkloadInfo {
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod service account.
+    pub service_account: String,
+}
+
+impl WorkloadInfo {
+    /// Parses `namespace/name/service-account` (PROXY_WORKLOAD_INFO).
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.split('/');
+        let (namespace, name, sa) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || [namespace, name, sa].iter().any(|p| p.is_empty()) {
+            return None;
+        }
+        Some(Self {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: sa.into(),
+        })
+    }
+}
+
+/// What one proxy knows about itself.
+pub struct ProxyInputs {
+    /// Shared state.
+    pub shared: Shared,
+    /// The workload served.
+    pub info: WorkloadInfo,
+    /// Where its sockets live.
+    pub netns: Netns,
+    /// HBONE connections opened on behalf of this workload.
+    pub pool: Pool,
+    /// Inbound connections subject to policy re-checks.
+    pub conns: conntrack::ConnectionTracker,
+    /// Cancelled when the drain deadline passes: every remaining connection is cut.
+    pub force_close: CancellationToken,
+    /// TLS server config for the current certificate, rebuilt only when the cert rotates.
+    server_tls: std::sync::Mutex<Option<(Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>)>>,
+}
+
+impl ProxyInputs {
+    /// The SPIFFE identity of the served workload.
+    pub fn identity(&self) -> Identity {
+        Identity::new(
+            self.shared.config.trust_domain.clone(),
+            self.info.namespace.clone(),
+            self.info.service_account.clone(),
+        )
+    }
+
+    /// The TLS server config presenting the workload's current certificate.
+    pub async fn server_tls(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        let cert = self
+            .shared
+            .certs
+            .get(&self.identity())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut cached = self.server_tls.lock().map_err(|e| e.to_string())?;
+        if let Some((c, cfg)) = cached.as_ref()
+            && Arc::ptr_eq(c, &cert)
+        {
+            return Ok(cfg.clone());
+        }
+        let cfg = hbone::tls::server_config(&cert).map_err(|e| e.to_string())?;
+        *cached = Some((cert, cfg.clone()));
+        Ok(cfg)
+    }
+
+    /// The served workload's entry in the state, found by name and namespace.
+    pub fn local_workload(&self) -> Option<Arc<Workload>> {
+        let state = self.shared.state.read();
+        state
+            .workloads()
+            .find(|w| w.name == self.info.name && w.namespace == self.info.namespace)
+            .cloned()
+    }
+}
+
+/// Makes HBONE client sockets inside the workload's netns, marked so redirection skips them.
+struct NetnsConnector {
+    netns: Netns,
+}
+
+impl Connector for NetnsConnector {
+    fn connect(
+        &self,
+        dst: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>> {
+        let netns = self.netns.clone();
+        Box::pin(async move { socket::connect(&netns, dst, None).await })
+    }
+}
+
+/// A proxy whose listeners are bound and which is ready to run.
+pub struct Proxy {
+    inputs: Arc<ProxyInputs>,
+    outbound: TcpListener,
+    inbound_plaintext: TcpListener,
+    hbone: TcpListener,
+}
+
+/// Stops a running proxy.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    /// Cancel to start draining (stop accepting, GOAWAY); connections then run until the
+    /// drain deadline.
+    pub drain: CancellationToken,
+}
+
+impl Proxy {
+    /// Binds the three listeners inside `netns` (all addresses, SO_REUSEPORT, transparent).
+    pub fn bind(shared: Shared, info: WorkloadInfo, netns: Netns) -> std::io::Result<Self> {
+        let opts = ListenOptions {
+            transparent: true,
+            mark: true,
+        };
+        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let outbound = socket::listen(&netns, any(OUTBOUND_PORT), opts)?;
+        let inbound_plaintext = socket::listen(&netns, any(INBOUND_PLAINTEXT_PORT), opts)?;
+        let hbone = socket::listen(&netns, any(HBONE_PORT), opts)?;
+        let pool = Pool::new(
+            shared.config.pool.clone(),
+            Arc::new(NetnsConnector {
+                netns: netns.clone(),
+            }),
+        );
+        let conns = conntrack::ConnectionTracker::default();
+        let inputs = Arc::new(ProxyInputs {
+            shared,
+            info,
+            netns,
+            pool,
+            conns,
+            force_close: CancellationToken::new(),
+            server_tls: std::sync::Mutex::new(None),
+        });
+        Ok(Self {
+            inputs,
+            outbound,
+            inbound_plaintext,
+            hbone,
+        })
+    }
+
+    /// Runs until `drain` is cancelled and the connections finish (or the deadline cuts them).
+    pub async fn run(self, drain: CancellationToken) {
+        let inputs = self.inputs;
+        let started = Instant::now();
+        tracing::info!(workload = ?inputs.info, "proxy started");
+        let mut tasks = JoinSet::new();
+        let connections = tokio_util::task::TaskTracker::new();
+        tasks.spawn(outbound::serve(
+            inputs.clone(),
+            self.outbound,
+            drain.clone(),
+            connections.clone(),
+        ));
+        tasks.spawn(inbound_plaintext::serve(
+            inputs.clone(),
+            self.inbound_plaintext,
+            drain.clone(),
+            connections.clone(),
+        ));
+        tasks.spawn(inbound::serve(
+            inputs.clone(),
+            self.hbone,
+            drain.clone(),
+            connections.clone(),
+        ));
+        tasks.spawn(conntrack::recheck_on_policy_change(
+            inputs.clone(),
+            drain.clone(),
+        ));
+        // Listeners return once draining starts; their sockets close as they return.
+        while tasks.join_next().await.is_some() {}
+        connections.close();
+        let deadline = inputs.shared.config.drain_deadline;
+        if tokio::time::timeout(deadline, connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(workload = ?inputs.info, "drain deadline passed; closing remaining connections");
+            inputs.force_close.cancel();
+            connections.wait().await;
+        }
+        tracing::info!(workload = ?inputs.info, uptime = ?started.elapsed(), "proxy stopped");
+    }
+}
+
+/// Accepts connections until `drain` is cancelled, handing each to `on_conn`.
+pub(crate) async fn accept_loop(
+    name: &'static str,
+    listener: TcpListener,
+    drain: CancellationToken,
+    mut on_conn: impl FnMut(TcpStream, SocketAddr),
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = drain.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => on_conn(stream, peer),
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}

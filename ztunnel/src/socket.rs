@@ -1,0 +1,125 @@
+//! Sockets the way in-pod redirection needs them: every socket carries SO_MARK 0x539 so the
+//! pod's rules skip it, listeners share ports (SO_REUSEPORT, for rolling upgrades) and accept
+//! TPROXYed traffic (IP_TRANSPARENT), and upstream sockets can spoof the client's address.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::netns::Netns;
+
+/// SO_MARK on every socket ztunnel makes, matched by the pod's redirection rules.
+pub const ZTUNNEL_MARK: u32 = 0x539;
+
+/// Listen backlog for proxy listeners.
+const BACKLOG: i32 = 1024;
+
+fn new_socket(addr: &SocketAddr) -> io::Result<Socket> {
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    s.set_cloexec(true)?;
+    Ok(s)
+}
+
+fn set_transparent(s: &Socket, ipv4: bool) -> io::Result<()> {
+    if ipv4 {
+        s.set_ip_transparent_v4(true)
+    } else {
+        s.set_ip_transparent_v6(true)
+    }
+}
+
+/// Options for a proxy listener.
+#[derive(Clone, Copy, Debug)]
+pub struct ListenOptions {
+    /// Accept TPROXYed connections (needs CAP_NET_ADMIN).
+    pub transparent: bool,
+    /// Mark the socket so redirection rules skip it.
+    pub mark: bool,
+}
+
+/// Binds a listener inside `netns` with SO_REUSEPORT (a new ztunnel can bind the same port
+/// before the old one stops).
+pub fn listen(netns: &Netns, addr: SocketAddr, opts: ListenOptions) -> io::Result<TcpListener> {
+    let std_listener = netns.run(|| {
+        let s = new_socket(&addr)?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        if opts.mark {
+            s.set_mark(ZTUNNEL_MARK)?;
+        }
+        if opts.transparent {
+            set_transparent(&s, addr.is_ipv4())?;
+        }
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.bind(&addr.into())?;
+        s.listen(BACKLOG)?;
+        Ok(std::net::TcpListener::from(s))
+    })?;
+    TcpListener::from_std(std_listener)
+}
+
+/// Creates an upstream socket inside `netns`, marked, optionally bound to a (foreign) source IP
+/// so the destination sees the original client address.
+pub fn upstream_socket(netns: &Netns, dst: SocketAddr, spoof: Option<IpAddr>) -> io::Result<TcpSocket> {
+    let std_stream = netns.run(|| {
+        let s = new_socket(&dst)?;
+        s.set_mark(ZTUNNEL_MARK)?;
+        s.set_tcp_nodelay(true)?;
+        if let Some(src) = spoof.filter(|src| src.is_ipv4() == dst.is_ipv4()) {
+            set_transparent(&s, dst.is_ipv4())?;
+            if dst.is_ipv4() {
+                s.set_freebind_v4(true)?;
+            } else {
+                s.set_freebind_v6(true)?;
+            }
+            s.bind(&SocketAddr::new(src, 0).into())?;
+        }
+        Ok(std::net::TcpStream::from(s))
+    })?;
+    Ok(TcpSocket::from_std_stream(std_stream))
+}
+
+/// Connects an upstream socket made by [`upstream_socket`].
+pub async fn connect(netns: &Netns, dst: SocketAddr, spoof: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = upstream_socket(netns, dst, spoof)?;
+    socket.connect(dst).await
+}
+
+/// The destination the client meant: SO_ORIGINAL_DST after REDIRECT, or the accepted socket's
+/// local address after TPROXY (or when the client dialled the listener directly).
+pub fn original_destination(stream: &TcpStream, listener_port: u16) -> io::Result<SocketAddr> {
+    let local = stream.local_addr()?;
+    if local.port() != listener_port {
+        return Ok(local);
+    }
+    let sock = SockRef::from(stream);
+    let orig = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    match orig.ok().and_then(|a| a.as_socket()) {
+        Some(addr) => Ok(canonical(addr)),
+        None => Ok(local),
+    }
+}
+
+/// Maps IPv4-mapped IPv6 addresses to plain IPv4 so lookups by IP work.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}

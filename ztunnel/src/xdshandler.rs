@@ -1,0 +1,119 @@
+//! Applies delta xDS resources (Address, Authorization) to the state; a resource that does not
+//! decode or validate is NACKed and the rest of the response still applies.
+
+use std::sync::Arc;
+
+use prost::Message;
+use xds::client::{ClientError, Handler, Rejected};
+use xds::istio::security::Authorization;
+use xds::istio::workload::Address;
+use xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, Resource};
+
+use crate::metrics::Metrics;
+use crate::readiness::ReadyGuard;
+use crate::state::StateStore;
+
+/// The ztunnel side of the delta-ADS stream.
+pub struct StateHandler {
+    state: StateStore,
+    metrics: Arc<Metrics>,
+    /// Released after the first response of each type: ztunnel is ready once it has config.
+    pending: Vec<(String, ReadyGuard)>,
+}
+
+impl StateHandler {
+    /// A handler writing into `state`; `ready` is released once both types were received.
+    pub fn new(state: StateStore, metrics: Arc<Metrics>, ready: Vec<(String, ReadyGuard)>) -> Self {
+        Self {
+            state,
+            metrics,
+            pending: ready,
+        }
+    }
+}
+
+fn decode<M: Message + Default>(r: &Resource, type_url: &str) -> Result<M, String> {
+    let any = r
+        .resource
+        .as_ref()
+        .ok_or_else(|| "resource has no body".to_string())?;
+    if any.type_url != type_url {
+        return Err(format!("type {:?}, expected {type_url:?}", any.type_url));
+    }
+    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode: {e}"))
+}
+
+impl Handler for StateHandler {
+    fn handle(
+        &mut self,
+        type_url: &str,
+        updates: Vec<Resource>,
+        removed: Vec<String>,
+    ) -> Vec<Rejected> {
+        self.metrics.xds_message(type_url);
+        let mut rejected = Vec::new();
+        let mut reject = |name: &str, error: String| {
+            rejected.push(Rejected {
+                name: name.to_string(),
+                error,
+            })
+        };
+        match type_url {
+            ADDRESS_TYPE => self.state.update(|s| {
+                for name in &removed {
+                    s.remove_address(name);
+                }
+                for r in &updates {
+                    match decode::<Address>(r, ADDRESS_TYPE) {
+                        Ok(a) => {
+                            if let Err(e) = s.apply_address(&r.name, a) {
+                                reject(&r.name, e.to_string());
+                            }
+                        }
+                        Err(e) => reject(&r.name, e),
+                    }
+                }
+            }),
+            AUTHORIZATION_TYPE => self.state.update(|s| {
+                for name in &removed {
+                    s.remove_authorization(name);
+                }
+                for r in &updates {
+                    match decode::<Authorization>(r, AUTHORIZATION_TYPE) {
+                        Ok(a) => {
+                            if let Err(e) = s.apply_authorization(&r.name, a) {
+                                reject(&r.name, e.to_string());
+                            }
+                        }
+                        Err(e) => reject(&r.name, e),
+                    }
+                }
+            }),
+            other => {
+                for r in &updates {
+                    reject(&r.name, format!("unsupported type {other}"));
+                }
+            }
+        }
+        for _ in &rejected {
+            self.metrics.config_error("xds");
+        }
+        self.pending.retain(|(t, _)| t != type_url);
+        rejected
+    }
+
+    fn disconnected(&mut self, reason: &ClientError) {
+        let reason = match reason {
+            ClientError::Connect(_) | ClientError::Endpoint { .. } => "connect",
+            ClientError::Stream(_) => "error",
+            ClientError::Closed => "closed",
+        };
+        self.metrics.xds_connection_terminated(reason);
+    }
+
+    fn responded(&mut self, type_url: &str, rejected: &[Rejected]) {
+        if !rejected.is_empty() {
+            self.metrics.xds_nack(type_url);
+        }
+    }
+}
