@@ -64,10 +64,10 @@ pub enum CaError {
     /// The issued certificate names a different identity than requested.
     #[error("CA issued {got} but {requested} was requested")]
     IdentityMismatch {
-        /// What we asked for.
-        requested: Identity,
-        /// What the leaf says.
-        got: Identity,
+        /// What we asked for (SPIFFE URI).
+        requested: String,
+        /// What the leaf says (SPIFFE URI).
+        got: String,
     },
     /// A CSR presented to the fake CA does not carry the identity being issued.
     #[error("CSR does not request {0}")]
@@ -256,8 +256,8 @@ impl IstioCaClient {
         let cert = WorkloadCertificate::from_pem(&key.serialize_pem(), &resp.cert_chain)?;
         if cert.identity != id {
             return Err(CaError::IdentityMismatch {
-                requested: id,
-                got: cert.identity,
+                requested: id.to_string(),
+                got: cert.identity.to_string(),
             });
         }
         tracing::debug!(identity = %id, serial = %cert.serial, "certificate issued by CA");
@@ -272,14 +272,11 @@ impl CertificateProvider for IstioCaClient {
 }
 
 fn pem_certs(pem: &str) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, CaError> {
-    use rustls_pki_types::pem::PemObject;
-    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CaError::Config(format!("invalid root_ca_pem: {e}")))?;
-    if certs.is_empty() {
-        return Err(CaError::Config("root_ca_pem holds no certificate".into()));
+    match crate::certificate::parse_certs(pem) {
+        Ok(certs) if !certs.is_empty() => Ok(certs),
+        Ok(_) => Err(CaError::Config("root_ca_pem holds no certificate".into())),
+        Err(e) => Err(CaError::Config(format!("invalid root_ca_pem: {e}"))),
     }
-    Ok(certs)
 }
 
 /// Connects TCP then TLS (chain-to-root verification only) for tonic.

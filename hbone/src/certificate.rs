@@ -197,7 +197,7 @@ impl WorkloadCertificate {
     }
 }
 
-fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertificateError> {
+pub(crate) fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertificateError> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertificateError::Pem(e.to_string()))

@@ -127,7 +127,7 @@ pub struct ConnectRequest {
 pub struct PoolStats {
     /// Established connections whose driver is still running (pooled or draining).
     pub open_connections: usize,
-    /// Connections (established or dialing) that new streams may still use.
+    /// Connections (established or dialing) that new streams may still use (no GOAWAY).
     pub pooled_connections: usize,
     /// Streams currently open or being opened through the pool.
     pub active_streams: usize,
@@ -296,7 +296,13 @@ impl Pool {
 
     /// Snapshot of the pool counters.
     pub fn stats(&self) -> PoolStats {
-        let pooled_connections = self.shared.lock().values().map(Vec::len).sum();
+        let pooled_connections = self
+            .shared
+            .lock()
+            .values()
+            .flatten()
+            .filter(|c| c.usable())
+            .count();
         let c = &self.shared.counters;
         PoolStats {
             open_connections: c.open_connections.load(Ordering::Relaxed),
@@ -564,3 +570,6 @@ async fn idle_for(mut streams: watch::Receiver<u32>, timeout: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

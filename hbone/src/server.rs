@@ -105,7 +105,7 @@ impl InboundRequest {
 ///
 /// When `drain` is cancelled a GOAWAY is sent and existing streams run to completion.
 /// Handler tasks are owned by this call: they are aborted shortly after the connection
-/// ends, or at once if this future is dropped.
+/// ends, or at once if this future is dropped (which is how a drain deadline is enforced).
 pub async fn serve<IO, F, Fut>(
     io: IO,
     settings: &ServerSettings,
@@ -154,10 +154,10 @@ where
             err = &mut keepalive => break Err(err),
             // Reap finished handlers so the set does not grow with the connection's age.
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(e) = joined {
-                    if e.is_panic() {
-                        tracing::warn!("HBONE request handler panicked");
-                    }
+                if let Err(e) = joined
+                    && e.is_panic()
+                {
+                    tracing::warn!("HBONE request handler panicked");
                 }
             }
         }
@@ -176,8 +176,8 @@ pub(crate) mod testing {
     //! TLS fixtures and an echo HBONE server shared by the pool and server tests.
 
     use std::net::SocketAddr;
-    use std::sync::{Arc, Mutex};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
 
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     use tokio::net::TcpListener;
@@ -246,7 +246,8 @@ pub(crate) mod testing {
         let drain = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let (task_drain, task_stop, task_accepted) = (drain.clone(), stop.clone(), accepted.clone());
+        let (task_drain, task_stop, task_accepted) =
+            (drain.clone(), stop.clone(), accepted.clone());
         tokio::spawn(async move {
             loop {
                 let tcp = tokio::select! {
@@ -258,7 +259,9 @@ pub(crate) mod testing {
                 let (acceptor, settings) = (acceptor.clone(), settings.clone());
                 let stop = task_stop.clone();
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = serve(tls, &settings, drain, echo_handler) => {}
                         _ = stop.cancelled() => {}
@@ -341,8 +344,9 @@ mod tests {
         *req.method_mut() = Method::CONNECT;
         *req.uri_mut() = authority.parse().unwrap();
         for (name, value) in headers {
+            let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
             req.headers_mut()
-                .insert(*name, http::HeaderValue::from_str(value).unwrap());
+                .insert(name, http::HeaderValue::from_str(value).unwrap());
         }
         req
     }
@@ -396,8 +400,14 @@ mod tests {
         for _ in 0..3 {
             seen.push(rx.recv().await.unwrap());
         }
-        assert_eq!(seen[0], ("1.2.3.4:80".into(), Some("1.2.3.4:80".parse().unwrap())));
-        assert_eq!(seen[1], ("[::1]:8080".into(), Some("[::1]:8080".parse().unwrap())));
+        assert_eq!(
+            seen[0],
+            ("1.2.3.4:80".into(), Some("1.2.3.4:80".parse().unwrap()))
+        );
+        assert_eq!(
+            seen[1],
+            ("[::1]:8080".into(), Some("[::1]:8080".parse().unwrap()))
+        );
         assert_eq!(seen[2], ("example.com:80".into(), None));
     }
 
@@ -495,16 +505,13 @@ mod tests {
                 std::future::pending::<()>().await;
             }
         };
-        let (mut send, server) = raw_client(CancellationToken::new(), handler).await;
+        let (send, server) = raw_client(CancellationToken::new(), handler).await;
         let mut ready = send.clone().ready().await.unwrap();
         let (_resp, _stream) = ready
             .send_request(connect_to("1.2.3.4:80", &[]), false)
             .unwrap();
         started_rx.recv().await.unwrap();
-        drop((_resp, _stream, ready));
-        drop(send.clone());
-        send = send.clone();
-        drop(send);
+        drop((_resp, _stream, ready, send));
         // With every client handle gone the client connection closes, ending serve.
         let _ = tokio::time::timeout(Duration::from_secs(5), server)
             .await

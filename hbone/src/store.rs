@@ -89,12 +89,12 @@ impl Inner {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Installs a certificate into `entry`, counting replacements as rotations.
+    /// Installs a certificate into `entry`; replacing one is a rotation and is announced.
     fn install(&self, entry: &mut Entry, cert: Arc<WorkloadCertificate>) {
         if entry.cert.replace(cert).is_some() {
-            self.rotations.fetch_add(1, Ordering::Relaxed);
+            let n = self.rotations.fetch_add(1, Ordering::Relaxed) + 1;
+            self.changes.send_replace(n);
         }
-        self.changes.send_modify(|v| *v += 1);
     }
 }
 
@@ -227,7 +227,9 @@ impl CertStore {
         out
     }
 
-    /// A receiver whose value increases whenever any certificate is installed or rotated.
+    /// A receiver of the rotation count, updated whenever a certificate is replaced by a newer
+    /// one (first fetches are not announced; bursts may coalesce, so use the value, not the
+    /// number of wake-ups, for counting).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.changes.subscribe()
     }
@@ -386,6 +388,7 @@ mod tests {
             .expect("no rotation within 5s")
             .unwrap();
         assert!(*changes.borrow() > seen);
+        assert_eq!(*changes.borrow(), store.rotation_count());
         let second = store.get(&id()).await.unwrap();
         assert_ne!(first.serial, second.serial);
         assert!(!second.is_expired());

@@ -352,15 +352,15 @@ where
         bytes: 0,
     };
     poll_fn(|cx| {
-        if !up.done {
-            if let Poll::Ready(Err(e)) = up.poll(cx, tcp, &mut send) {
-                return Poll::Ready(Err(e));
-            }
+        if !up.done
+            && let Poll::Ready(Err(e)) = up.poll(cx, tcp, &mut send)
+        {
+            return Poll::Ready(Err(e));
         }
-        if !down.done {
-            if let Poll::Ready(Err(e)) = down.poll(cx, tcp, &mut recv) {
-                return Poll::Ready(Err(e));
-            }
+        if !down.done
+            && let Poll::Ready(Err(e)) = down.poll(cx, tcp, &mut recv)
+        {
+            return Poll::Ready(Err(e));
         }
         if up.done && down.done {
             Poll::Ready(Ok(()))

@@ -62,6 +62,9 @@ where
     }
 }
 
+/// What a local config yields: workloads, services and policies.
+pub type LocalState = (Vec<Workload>, Vec<Service>, Vec<Authorization>);
+
 /// A parsed standalone configuration.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -156,13 +159,37 @@ struct LocalMatch {
     not_service_accounts: Vec<LocalServiceAccount>,
 }
 
+// `{Exact: s}` etc.; serde_yaml only maps enums from YAML tags, so the map form is decoded here.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "RawStringMatch")]
+struct LocalStringMatch(StringMatch);
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-enum LocalStringMatch {
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
-    Presence(Empty),
+struct RawStringMatch {
+    #[serde(rename = "Exact")]
+    exact: Option<String>,
+    #[serde(rename = "Prefix")]
+    prefix: Option<String>,
+    #[serde(rename = "Suffix")]
+    suffix: Option<String>,
+    #[serde(rename = "Presence")]
+    presence: Option<Empty>,
+}
+
+impl TryFrom<RawStringMatch> for LocalStringMatch {
+    type Error = &'static str;
+
+    fn try_from(r: RawStringMatch) -> Result<Self, Self::Error> {
+        let m = match (r.exact, r.prefix, r.suffix, r.presence) {
+            (Some(s), None, None, None) => StringMatch::Exact(s),
+            (None, Some(s), None, None) => StringMatch::Prefix(s),
+            (None, None, Some(s), None) => StringMatch::Suffix(s),
+            (None, None, None, Some(Empty {})) => StringMatch::Presence,
+            _ => return Err("a string match needs exactly one of Exact, Prefix, Suffix, Presence"),
+        };
+        Ok(Self(m))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,14 +235,7 @@ fn gateway(g: Option<LocalGateway>) -> Option<GatewayAddress> {
 }
 
 fn string_matches(list: Vec<LocalStringMatch>) -> Vec<StringMatch> {
-    list.into_iter()
-        .map(|m| match m {
-            LocalStringMatch::Exact(s) => StringMatch::Exact(s),
-            LocalStringMatch::Prefix(s) => StringMatch::Prefix(s),
-            LocalStringMatch::Suffix(s) => StringMatch::Suffix(s),
-            LocalStringMatch::Presence(Empty {}) => StringMatch::Presence,
-        })
-        .collect()
+    list.into_iter().map(|m| m.0).collect()
 }
 
 fn nets(list: Vec<Parsed<IpNet>>) -> Vec<IpNet> {
@@ -386,9 +406,7 @@ impl LocalConfig {
     }
 
     /// Validates and converts into state, rejecting duplicate keys.
-    pub fn into_state(
-        self,
-    ) -> Result<(Vec<Workload>, Vec<Service>, Vec<Authorization>), LocalConfigError> {
+    pub fn into_state(self) -> Result<LocalState, LocalConfigError> {
         Ok((
             convert_all("workloads", self.workloads, LocalWorkload::convert, |w| {
                 w.uid.clone()
@@ -626,6 +644,28 @@ policies:
         let err =
             parse_err("workloads:\n- {name: a, namespace: b, services: {}, protocol: QUIC}\n");
         assert!(err.contains("QUIC"), "{err}");
+    }
+
+    #[test]
+    fn string_match_needs_exactly_one_kind() {
+        let policy = |m: &str| {
+            format!(
+                "policies:\n- {{name: a, namespace: b, scope: Global, action: Deny, rules: [[[{{principals: [{m}]}}]]]}}\n"
+            )
+        };
+        let err = parse_err(&policy("{Exact: a, Prefix: b}"));
+        assert!(
+            err.contains("exactly one") && err.contains("principals"),
+            "{err}"
+        );
+        let err = parse_err(&policy("{Regex: a}"));
+        assert!(err.contains("unknown field `Regex`"), "{err}");
+        assert!(
+            LocalConfig::parse(&policy("{Suffix: a}"))
+                .unwrap()
+                .into_state()
+                .is_ok()
+        );
     }
 
     #[test]

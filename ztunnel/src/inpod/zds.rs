@@ -58,9 +58,7 @@ impl ZdsConnection {
         // SAFETY: we own `fd` and hand it to AsyncFd, which keeps it until it is dropped.
         let fd = unsafe { AsyncFd::register(fd) }
             .map_err(|e| io::Error::other(format!("registering zds socket: {e}")))?;
-        // Wait until the connection is writable (established).
-        let mut guard = fd.writable().await?;
-        guard.clear_ready();
+        // Unix stream connects complete at once or fail; nothing to wait for.
         Ok(Self { fd })
     }
 

@@ -273,7 +273,7 @@ fn allow_policies_require_a_match() {
         PolicyAction::Allow,
         m!(namespaces: vec![exact("other")]),
     );
-    let d = authorize(&[allow.clone()], &conn());
+    let d = authorize(std::slice::from_ref(&allow), &conn());
     assert!(matches!(d, Decision::Deny { policy: None, .. }));
     assert!(!d.is_allowed());
     let allow2 = policy(
@@ -304,7 +304,7 @@ fn allow_policy_without_rules_allows_nothing() {
         rules: vec![],
         dry_run: false,
     });
-    assert!(!authorize(&[allow_nothing.clone()], &conn()).is_allowed());
+    assert!(!authorize(std::slice::from_ref(&allow_nothing), &conn()).is_allowed());
     let deny_nothing = Arc::new(Authorization {
         action: PolicyAction::Deny,
         ..(*allow_nothing).clone()
@@ -373,7 +373,8 @@ fn converts_proto_policy() {
 
 #[test]
 fn rejects_invalid_proto_policy() {
-    let cases: Vec<(fn(&mut pb::Authorization), &str)> = vec![
+    type Case = (fn(&mut pb::Authorization), &'static str);
+    let cases: Vec<Case> = vec![
         (|a| a.name.clear(), "policy name must not be empty"),
         (|a| a.scope = 5, "scope: unknown enum value 5"),
         (|a| a.action = 3, "action: unknown enum value 3"),

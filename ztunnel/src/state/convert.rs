@@ -317,10 +317,10 @@ impl TryFrom<pb::Service> for Service {
 /// A decoded `istio.workload.Address`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AddressResource {
-    /// A workload.
-    Workload(Workload),
+    /// A workload (boxed, like the service, to keep the enum small).
+    Workload(Box<Workload>),
     /// A service.
-    Service(Service),
+    Service(Box<Service>),
 }
 
 impl TryFrom<pb::Address> for AddressResource {
@@ -328,8 +328,8 @@ impl TryFrom<pb::Address> for AddressResource {
 
     fn try_from(a: pb::Address) -> Result<Self, Self::Error> {
         match a.r#type {
-            Some(pb::address::Type::Workload(w)) => Ok(Self::Workload(w.try_into()?)),
-            Some(pb::address::Type::Service(s)) => Ok(Self::Service(s.try_into()?)),
+            Some(pb::address::Type::Workload(w)) => Ok(Self::Workload(Box::new(w.try_into()?))),
+            Some(pb::address::Type::Service(s)) => Ok(Self::Service(Box::new(s.try_into()?))),
             None => Err(ConversionError::EmptyAddress),
         }
     }
@@ -391,7 +391,8 @@ mod tests {
 
     #[test]
     fn workload_rejects_bad_input() {
-        let cases: Vec<(fn(&mut pb::Workload), &str)> = vec![
+        type Case = (fn(&mut pb::Workload), &'static str);
+        let cases: Vec<Case> = vec![
             (|w| w.uid.clear(), "workload uid must not be empty"),
             (
                 |w| w.addresses = vec![vec![1, 2, 3]],

@@ -216,8 +216,8 @@ impl ProxyState {
         address: pb::Address,
     ) -> Result<(), ConversionError> {
         match AddressResource::try_from(address).map_err(|e| e.in_resource(name))? {
-            AddressResource::Workload(w) => self.upsert_workload(w),
-            AddressResource::Service(s) => self.upsert_service(s),
+            AddressResource::Workload(w) => self.upsert_workload(*w),
+            AddressResource::Service(s) => self.upsert_service(*s),
         }
         Ok(())
     }
