@@ -81,7 +81,10 @@ pub async fn run(args: Args, logs: LogControl) -> anyhow::Result<()> {
             network: args.network.clone(),
             drain_deadline: args.drain_duration,
             pool: PoolConfig::default(),
-            server: ServerSettings::default(),
+            server: ServerSettings {
+                max_header_list_size: 64 * 1024,
+                ..ServerSettings::default()
+            },
             connect_timeout: args.connect_timeout,
         }),
     };
@@ -333,12 +336,18 @@ async fn watch_local_config(
 fn spawn_rotation_metrics(certs: &CertStore, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let mut rotations = certs.subscribe();
     tokio::spawn(async move {
+        // The watch carries the total rotation count; several rotations may arrive as one wake-up.
+        let mut counted = *rotations.borrow_and_update();
         loop {
             tokio::select! {
                 r = rotations.changed() => if r.is_err() { return },
                 _ = shutdown.cancelled() => return,
             }
-            metrics.certificate_rotated();
+            let total = *rotations.borrow_and_update();
+            for _ in counted..total {
+                metrics.certificate_rotated();
+            }
+            counted = counted.max(total);
         }
     });
 }

@@ -22,6 +22,10 @@ use crate::rbac::{self, Decision};
 use crate::socket;
 use crate::state::{NetworkAddress, Workload};
 
+/// CONNECT headers are a few hundred bytes; larger blocks are refused and counted here. (The
+/// HTTP/2 layer enforces a higher hard limit that bounds memory.)
+pub const MAX_CONNECT_HEADER_BYTES: usize = 16 * 1024;
+
 /// Bound on the TLS handshake so a silent client cannot hold a task forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -76,6 +80,12 @@ async fn handle_connection(
             return;
         }
     };
+    // Clients that did not negotiate h2 are not HBONE clients.
+    if tls.get_ref().1.alpn_protocol() != Some(hbone::tls::ALPN_H2) {
+        tracing::info!(%peer, "HBONE client did not negotiate ALPN h2");
+        metrics.tls_handshake_failure("hbone");
+        return;
+    }
     let peer_identity = tls
         .get_ref()
         .1
@@ -115,6 +125,19 @@ async fn handle_request(
     let Some(authority) = req.parsed_authority() else {
         return reject(&inputs, req, StatusCode::BAD_REQUEST, "bad_request");
     };
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if header_bytes > MAX_CONNECT_HEADER_BYTES {
+        return reject(
+            &inputs,
+            req,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header_too_large",
+        );
+    }
     let Some(local) = inputs.local_workload() else {
         return reject(
             &inputs,

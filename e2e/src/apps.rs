@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::net::in_netns;
+use crate::netns::in_netns;
 
 /// Echo server on 0.0.0.0:`port` inside a netns. Each connection first receives
 /// `peer=<addr>\n`, then everything it sends comes back.
@@ -110,4 +110,33 @@ pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u16,
             .unwrap_or_default();
         Ok((status, body))
     })
+}
+
+/// SO_MARK ztunnel puts on its sockets; pod redirection rules let such sockets through.
+pub const BYPASS_MARK: u32 = 0x539;
+
+/// A TCP connection from inside `ns` that bypasses the pod's outbound capture (marked like
+/// ztunnel's own sockets), for talking to 15008 directly or sending plaintext to a pod.
+pub fn bypass_connect(ns: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt};
+    let SocketAddr::V4(v4) = addr else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    in_netns(ns, move || {
+        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        setsockopt(&fd, sockopt::Mark, &BYPASS_MARK)?;
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4))?;
+        let stream = TcpStream::from(fd);
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(stream)
+    })
+}
+
+impl Client {
+    /// Wraps an already connected stream (e.g. from [`bypass_connect`]).
+    pub fn from_stream(stream: TcpStream) -> std::io::Result<Self> {
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Self { stream, reader })
+    }
 }

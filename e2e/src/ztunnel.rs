@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::apps::http_get;
+use crate::apps::http_get;
 
 /// A ztunnel process.
 pub struct Ztunnel {
@@ -16,13 +16,21 @@ pub struct Ztunnel {
 }
 
 impl Ztunnel {
-    /// Starts ztunnel in shared mode with a local config and the development CA.
-    pub fn start(ns: &str, dir: &Path, config: &Path, uds: &Path, env: &[(&str, &str)]) -> Self {
+    /// Starts the ztunnel binary `bin` in shared mode with a local config and the development CA.
+    pub fn start(
+        bin: &Path,
+        ns: &str,
+        dir: &Path,
+        config: &Path,
+        uds: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = dir.join(format!("ztunnel-{}.log", std::process::id()));
         let out = std::fs::File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ztunnel")])
+        cmd.args(["netns", "exec", ns])
+            .arg(bin)
             .env("XDS_ADDRESS", "")
             .env("LOCAL_XDS_PATH", config)
             .env("FAKE_CA", "true")
@@ -76,6 +84,11 @@ impl Ztunnel {
             .expect("config_dump")
             .1;
         serde_json::from_str(&body).expect("config_dump is JSON")
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends SIGTERM.

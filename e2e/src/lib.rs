@@ -1,0 +1,19 @@
+//! End-to-end harness shared by integration tests and benchmarks: pods as network namespaces
+//! with in-pod redirection, a node-agent stand-in speaking ZDS, the real ztunnel binary run as a
+//! process, and small test apps. Everything here needs root.
+
+pub mod apps;
+pub mod ca;
+pub mod netns;
+pub mod zds;
+pub mod ztunnel;
+
+/// True when running as root; network-namespace tests skip (pass) otherwise.
+pub fn require_root() -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        true
+    } else {
+        eprintln!("skipping: needs root for network namespaces");
+        false
+    }
+}
