@@ -164,8 +164,8 @@ fn rr_conn(mut s: TcpStream) -> Result<()> {
 }
 
 fn connect(addr: SocketAddr) -> Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-        .with_context(|| format!("connect {addr}"))?;
+    let s =
+        TcpStream::connect_timeout(&addr, IO_TIMEOUT).with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     s.set_nodelay(true)?;
@@ -265,6 +265,14 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// One connection: send a request, read the reply, close (the client closes first).
+fn exchange(addr: SocketAddr, buf: &mut [u8; MSG]) -> Result<()> {
+    let mut s = connect(addr)?;
+    s.write_all(buf)?;
+    s.read_exact(buf)?;
+    Ok(())
+}
+
 /// Connections completed by the connection-rate test.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnRate {
@@ -305,13 +313,7 @@ pub fn conn_rate(ns: &str, ip: Ipv4Addr, threads: u16, dur: Duration) -> Result<
                 while begin.elapsed() < dur {
                     let addr = SocketAddr::from((ip, ports[i % ports.len()]));
                     i += 1;
-                    let exchange = || -> Result<()> {
-                        let mut s = connect(addr)?;
-                        s.write_all(&buf)?;
-                        s.read_exact(&mut buf)?;
-                        Ok(())
-                    };
-                    match exchange() {
+                    match exchange(addr, &mut buf) {
                         Ok(()) => ok += 1,
                         Err(_) => failed += 1,
                     }
