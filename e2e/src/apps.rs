@@ -17,8 +17,9 @@ pub struct EchoServer {
 impl EchoServer {
     /// Starts the server.
     pub fn start(ns: &str, port: u16) -> Self {
-        let listener: TcpListener =
-            in_netns(ns, move || TcpListener::bind(("0.0.0.0", port)).expect("bind echo"));
+        let listener: TcpListener = in_netns(ns, move || {
+            TcpListener::bind(("0.0.0.0", port)).expect("bind echo")
+        });
         let peers = Arc::new(Mutex::new(Vec::new()));
         let seen = peers.clone();
         std::thread::spawn(move || {
@@ -118,12 +119,19 @@ pub const BYPASS_MARK: u32 = 0x539;
 /// A TCP connection from inside `ns` that bypasses the pod's outbound capture (marked like
 /// ztunnel's own sockets), for talking to 15008 directly or sending plaintext to a pod.
 pub fn bypass_connect(ns: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt};
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
+    };
     let SocketAddr::V4(v4) = addr else {
         return Err(std::io::Error::other("IPv4 only"));
     };
     in_netns(ns, move || {
-        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
         setsockopt(&fd, sockopt::Mark, &BYPASS_MARK)?;
         connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4))?;
         let stream = TcpStream::from(fd);

@@ -2,8 +2,8 @@
 //! inside a netns, backed by hbone's development CA, so tests hold the same root ztunnel trusts
 //! and can mint client certificates of their own.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hbone::Identity;

@@ -128,7 +128,9 @@ impl TestNet {
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
         let (va, vb) = (format!("{}a", net.prefix), format!("{}b", net.prefix));
-        sh(&["ip", "link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        sh(&[
+            "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
+        ]);
         for (pod, veth) in [(&net.a, &va), (&net.b, &vb)] {
             sh(&["ip", "link", "set", veth, "netns", &pod.ns]);
             sh(&["ip", "-n", &pod.ns, "link", "set", veth, "name", "eth0"]);
@@ -152,10 +154,27 @@ impl TestNet {
         for pod in [&self.a, &self.b] {
             sh_in(&pod.ns, &["nft", "-f", "-"], Some(INPOD_RULES));
             sh(&[
-                "ip", "-n", &pod.ns, "rule", "add", "fwmark", "0x111/0xfff", "lookup", "100",
+                "ip",
+                "-n",
+                &pod.ns,
+                "rule",
+                "add",
+                "fwmark",
+                "0x111/0xfff",
+                "lookup",
+                "100",
             ]);
             sh(&[
-                "ip", "-n", &pod.ns, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table",
+                "ip",
+                "-n",
+                &pod.ns,
+                "route",
+                "add",
+                "local",
+                "0.0.0.0/0",
+                "dev",
+                "lo",
+                "table",
                 "100",
             ]);
         }

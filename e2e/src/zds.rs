@@ -103,6 +103,11 @@ impl ZdsPeer {
         self.send(&req, Some(netns.as_raw_fd()))
     }
 
+    /// Closes the connection, as a restarting node agent would.
+    pub fn shutdown(&self) {
+        let _ = nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+
     /// Removes a pod.
     pub fn del(&self, uid: &str) -> String {
         let req = WorkloadRequest {

@@ -10,13 +10,13 @@ pub mod store;
 pub mod stream;
 pub mod tls;
 
+pub use ca::{CaClientConfig, CaError, CertificateProvider, FakeCa, IstioCaClient, TokenSource};
+pub use certificate::{CertDump, CertificateError, WorkloadCertificate};
 pub use identity::{Identity, IdentityError};
 pub use pool::{
     ConnectFuture, ConnectRequest, Connector, Pool, PoolConfig, PoolKey, PoolStats, TcpConnector,
 };
 pub use server::{InboundRequest, ServerSettings, serve};
-pub use stream::{H2Stream, HboneError, copy_bidirectional};
-pub use ca::{CaClientConfig, CaError, CertificateProvider, FakeCa, IstioCaClient, TokenSource};
-pub use certificate::{CertDump, CertificateError, WorkloadCertificate};
 pub use store::{CertError, CertStore, RotationConfig};
+pub use stream::{H2Stream, HboneError, copy_bidirectional};
 pub use tls::{TlsError, client_config, peer_identity, server_config};

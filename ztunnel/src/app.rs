@@ -63,7 +63,13 @@ pub async fn run(args: Args, logs: LogControl) -> anyhow::Result<()> {
         }
         state_ready.ready();
     } else {
-        start_xds(&args, state.clone(), metrics.clone(), &readiness, shutdown.clone())?;
+        start_xds(
+            &args,
+            state.clone(),
+            metrics.clone(),
+            &readiness,
+            shutdown.clone(),
+        )?;
         drop(state_ready);
     }
 
@@ -122,8 +128,16 @@ pub async fn run(args: Args, logs: LogControl) -> anyhow::Result<()> {
     let ready = bind(args.readiness_addr, "readiness").await?;
     let servers = tokio_util::task::TaskTracker::new();
     servers.spawn(admin::serve_admin(admin, handlers, shutdown.clone()));
-    servers.spawn(admin::serve_metrics(stats, metrics.clone(), shutdown.clone()));
-    servers.spawn(admin::serve_readiness(ready, readiness.clone(), shutdown.clone()));
+    servers.spawn(admin::serve_metrics(
+        stats,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    servers.spawn(admin::serve_readiness(
+        ready,
+        readiness.clone(),
+        shutdown.clone(),
+    ));
 
     let proxies = tokio_util::task::TaskTracker::new();
     match args.proxy_mode {
@@ -132,7 +146,9 @@ pub async fn run(args: Args, logs: LogControl) -> anyhow::Result<()> {
                 .proxy_workload_info
                 .as_deref()
                 .and_then(WorkloadInfo::parse)
-                .context("dedicated mode needs PROXY_WORKLOAD_INFO=namespace/name/service-account")?;
+                .context(
+                    "dedicated mode needs PROXY_WORKLOAD_INFO=namespace/name/service-account",
+                )?;
             let proxy = Proxy::bind(shared, info, Netns::current())
                 .context("binding proxy listeners (15001, 15006, 15008)")?;
             proxies.spawn(proxy.run(drain.clone()));
@@ -183,7 +199,9 @@ async fn wait_for_stop(drain: &CancellationToken) {
 
 fn certificate_provider(args: &Args) -> anyhow::Result<Arc<dyn CertificateProvider>> {
     if args.fake_ca {
-        tracing::warn!("FAKE_CA is set: workload certificates come from an in-process self-signed CA (development only)");
+        tracing::warn!(
+            "FAKE_CA is set: workload certificates come from an in-process self-signed CA (development only)"
+        );
         let ca = FakeCa::new(&args.trust_domain)
             .context("creating the development CA")?
             .with_ttl(args.secret_ttl);

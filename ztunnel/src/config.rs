@@ -31,11 +31,19 @@ pub enum LogFormat {
 pub struct Args {
     /// Control plane delta-xDS address (http:// or https://). Empty disables xDS (use
     /// --local-config instead).
-    #[arg(long, env = "XDS_ADDRESS", default_value = "https://istiod.istio-system.svc:15012")]
+    #[arg(
+        long,
+        env = "XDS_ADDRESS",
+        default_value = "https://istiod.istio-system.svc:15012"
+    )]
     pub xds_address: String,
 
     /// PEM file with the root(s) that verify the xDS server.
-    #[arg(long, env = "XDS_ROOT_CA", default_value = "./var/run/secrets/istio/root-cert.pem")]
+    #[arg(
+        long,
+        env = "XDS_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
     pub xds_root_ca: PathBuf,
 
     /// Name expected in the xDS server's certificate (default: the host of --xds-address).
@@ -47,11 +55,19 @@ pub struct Args {
     pub ca_address: Option<String>,
 
     /// PEM file with the root(s) that verify the CA server.
-    #[arg(long, env = "CA_ROOT_CA", default_value = "./var/run/secrets/istio/root-cert.pem")]
+    #[arg(
+        long,
+        env = "CA_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
     pub ca_root_ca: PathBuf,
 
     /// File holding the bearer token (projected service account token, audience istio-ca).
-    #[arg(long, env = "AUTH_TOKEN", default_value = "./var/run/secrets/tokens/istio-token")]
+    #[arg(
+        long,
+        env = "AUTH_TOKEN",
+        default_value = "./var/run/secrets/tokens/istio-token"
+    )]
     pub auth_token: PathBuf,
 
     /// Cluster id sent to the control plane and reported in telemetry.
@@ -87,7 +103,11 @@ pub struct Args {
     pub proxy_mode: ProxyMode,
 
     /// Node agent's ZDS socket (shared mode).
-    #[arg(long, env = "INPOD_UDS", default_value = "/var/run/ztunnel/ztunnel.sock")]
+    #[arg(
+        long,
+        env = "INPOD_UDS",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
     pub inpod_uds: PathBuf,
 
     /// The workload served in dedicated mode, as `namespace/name/service-account`.

@@ -69,7 +69,11 @@ pub fn listen(netns: &Netns, addr: SocketAddr, opts: ListenOptions) -> io::Resul
 
 /// Creates an upstream socket inside `netns`, marked, optionally bound to a (foreign) source IP
 /// so the destination sees the original client address.
-pub fn upstream_socket(netns: &Netns, dst: SocketAddr, spoof: Option<IpAddr>) -> io::Result<TcpSocket> {
+pub fn upstream_socket(
+    netns: &Netns,
+    dst: SocketAddr,
+    spoof: Option<IpAddr>,
+) -> io::Result<TcpSocket> {
     let std_stream = netns.run(|| {
         let s = new_socket(&dst)?;
         s.set_mark(ZTUNNEL_MARK)?;
@@ -89,7 +93,11 @@ pub fn upstream_socket(netns: &Netns, dst: SocketAddr, spoof: Option<IpAddr>) ->
 }
 
 /// Connects an upstream socket made by [`upstream_socket`].
-pub async fn connect(netns: &Netns, dst: SocketAddr, spoof: Option<IpAddr>) -> io::Result<TcpStream> {
+pub async fn connect(
+    netns: &Netns,
+    dst: SocketAddr,
+    spoof: Option<IpAddr>,
+) -> io::Result<TcpStream> {
     let socket = upstream_socket(netns, dst, spoof)?;
     socket.connect(dst).await
 }

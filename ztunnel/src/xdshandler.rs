@@ -117,3 +117,92 @@ impl Handler for StateHandler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xds::istio::workload::{Workload, address};
+
+    fn any(type_url: &str, value: Vec<u8>) -> Option<prost_types::Any> {
+        Some(prost_types::Any {
+            type_url: type_url.into(),
+            value,
+        })
+    }
+
+    fn workload(uid: &str, ip: [u8; 4]) -> Vec<u8> {
+        Address {
+            r#type: Some(address::Type::Workload(Workload {
+                uid: uid.into(),
+                name: "p".into(),
+                namespace: "ns".into(),
+                addresses: vec![ip.to_vec()],
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn bad_resources_are_rejected_and_the_rest_applied() {
+        let state = StateStore::default();
+        let metrics = Arc::new(Metrics::new());
+        let mut h = StateHandler::new(state.clone(), metrics.clone(), vec![]);
+        let updates = vec![
+            Resource {
+                name: "good".into(),
+                resource: any(ADDRESS_TYPE, workload("good", [10, 0, 0, 1])),
+                ..Default::default()
+            },
+            Resource {
+                name: "garbage".into(),
+                resource: any(ADDRESS_TYPE, vec![0xff, 0xff, 0xff]),
+                ..Default::default()
+            },
+            Resource {
+                name: "bad-ip".into(),
+                // A 3-byte IP address.
+                resource: any(
+                    ADDRESS_TYPE,
+                    Address {
+                        r#type: Some(address::Type::Workload(Workload {
+                            uid: "bad-ip".into(),
+                            addresses: vec![vec![1, 2, 3]],
+                            ..Default::default()
+                        })),
+                    }
+                    .encode_to_vec(),
+                ),
+                ..Default::default()
+            },
+            Resource {
+                name: "wrong-type".into(),
+                resource: any(AUTHORIZATION_TYPE, vec![]),
+                ..Default::default()
+            },
+        ];
+        let rejected = h.handle(ADDRESS_TYPE, updates, vec![]);
+        let names: Vec<_> = rejected.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, vec!["garbage", "bad-ip", "wrong-type"]);
+        assert!(rejected.iter().all(|r| !r.error.is_empty()));
+        let s = state.read();
+        assert!(
+            s.workload_by_uid(&crate::state::WorkloadUid::new("good"))
+                .is_some()
+        );
+        assert_eq!(s.counts().0, 1);
+        drop(s);
+        assert!(
+            metrics
+                .encode()
+                .contains("ztunnel_config_errors_total{source=\"xds\"} 3")
+        );
+
+        // Removal by name.
+        assert!(
+            h.handle(ADDRESS_TYPE, vec![], vec!["good".into()])
+                .is_empty()
+        );
+        assert_eq!(state.read().counts().0, 0);
+    }
+}

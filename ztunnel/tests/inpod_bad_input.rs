@@ -50,7 +50,10 @@ async fn tls_attempt(mesh: &Mesh, config: Arc<rustls::ClientConfig>) -> bool {
     std.set_nonblocking(true).unwrap();
     let tcp = tokio::net::TcpStream::from_std(std).unwrap();
     let name = ServerName::IpAddress(mesh.net.b.ip.into());
-    let Ok(mut tls) = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await else {
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+    else {
         return false;
     };
     // TLS 1.3: the server judges the client certificate after the client thinks it is done,
@@ -87,34 +90,58 @@ fn bad_clients_on_15008_are_refused_and_counted_without_disturbing_others() {
         .unwrap();
     let good = mesh.ca.as_ref().unwrap().issue(&client_id());
     let good_config = hbone::tls::client_config(&good, &[server_id()]).unwrap();
-    assert!(rt.block_on(tls_attempt(&mesh, good_config.clone())), "control: a valid client is accepted");
-    let before = mesh.metric("ztunnel_tls_handshake_failures_total", &[("listener", "hbone")]);
+    assert!(
+        rt.block_on(tls_attempt(&mesh, good_config.clone())),
+        "control: a valid client is accepted"
+    );
+    let before = mesh.metric(
+        "ztunnel_tls_handshake_failures_total",
+        &[("listener", "hbone")],
+    );
 
     // Garbage bytes.
     let mut garbage = bypass_connect(&mesh.net.a.ns, mesh.hbone_addr()).unwrap();
-    garbage.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 1, 2, 3, 4]).unwrap();
+    garbage
+        .write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 1, 2, 3, 4])
+        .unwrap();
     garbage.write_all(&[0xAB; 4096]).unwrap();
     let mut sink = Vec::new();
     let _ = garbage.read_to_end(&mut sink);
 
     // A certificate from another root (the client still trusts the real root).
-    let other = FakeCa::new("cluster.local").unwrap().issue(&client_id(), Duration::from_secs(3600)).unwrap();
-    let other_config = hbone::tls::client_config(&with_roots(&other, &good), &[server_id()]).unwrap();
-    assert!(!rt.block_on(tls_attempt(&mesh, other_config)), "foreign root accepted");
+    let other = FakeCa::new("cluster.local")
+        .unwrap()
+        .issue(&client_id(), Duration::from_secs(3600))
+        .unwrap();
+    let other_config =
+        hbone::tls::client_config(&with_roots(&other, &good), &[server_id()]).unwrap();
+    assert!(
+        !rt.block_on(tls_attempt(&mesh, other_config)),
+        "foreign root accepted"
+    );
 
     // No client certificate.
     let mut no_cert = (*good_config).clone();
     no_cert.client_auth_cert_resolver = Arc::new(NoClientCert);
-    assert!(!rt.block_on(tls_attempt(&mesh, Arc::new(no_cert))), "client without cert accepted");
+    assert!(
+        !rt.block_on(tls_attempt(&mesh, Arc::new(no_cert))),
+        "client without cert accepted"
+    );
 
     // No ALPN h2.
     let mut no_alpn = (*good_config).clone();
     no_alpn.alpn_protocols.clear();
-    assert!(!rt.block_on(tls_attempt(&mesh, Arc::new(no_alpn))), "client without ALPN h2 accepted");
+    assert!(
+        !rt.block_on(tls_attempt(&mesh, Arc::new(no_alpn))),
+        "client without ALPN h2 accepted"
+    );
 
     assert!(
         eventually(Duration::from_secs(5), || {
-            mesh.metric("ztunnel_tls_handshake_failures_total", &[("listener", "hbone")]) >= before + 4.0
+            mesh.metric(
+                "ztunnel_tls_handshake_failures_total",
+                &[("listener", "hbone")],
+            ) >= before + 4.0
         }),
         "{}",
         mesh.zt.metrics()
@@ -130,16 +157,25 @@ async fn h2_client(mesh: &Mesh) -> h2::client::SendRequest<Bytes> {
     std.set_nonblocking(true).unwrap();
     let tcp = tokio::net::TcpStream::from_std(std).unwrap();
     let name = ServerName::IpAddress(mesh.net.b.ip.into());
-    let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
     let (send, conn) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(conn);
     send
 }
 
-async fn status_of(send: &mut h2::client::SendRequest<Bytes>, req: http::Request<()>) -> Option<u16> {
+async fn status_of(
+    send: &mut h2::client::SendRequest<Bytes>,
+    req: http::Request<()>,
+) -> Option<u16> {
     send.clone().ready().await.ok()?;
     let (resp, _stream) = send.send_request(req, false).ok()?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), resp).await.ok()?.ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .ok()?
+        .ok()?;
     Some(resp.status().as_u16())
 }
 
@@ -177,14 +213,22 @@ fn malformed_hbone_requests_get_error_statuses_and_are_counted() {
 
         let elsewhere = SocketAddr::from(([10, 77, 8, 99], 8080));
         let req = connect_request(elsewhere).body(()).unwrap();
-        assert_eq!(status_of(&mut send, req).await, Some(400), "authority not this pod");
+        assert_eq!(
+            status_of(&mut send, req).await,
+            Some(400),
+            "authority not this pod"
+        );
 
         let huge = "x".repeat(20 * 1024);
         let req = connect_request(mesh.server_addr())
             .header("x-padding", huge)
             .body(())
             .unwrap();
-        assert_eq!(status_of(&mut send, req).await, Some(431), "oversized headers");
+        assert_eq!(
+            status_of(&mut send, req).await,
+            Some(431),
+            "oversized headers"
+        );
 
         // Control: the same connection still carries a valid CONNECT.
         let req = connect_request(mesh.server_addr()).body(()).unwrap();
@@ -195,7 +239,10 @@ fn malformed_hbone_requests_get_error_statuses_and_are_counted() {
         let mut body = resp.into_body();
         let greeting = body.data().await.unwrap().unwrap();
         let text = String::from_utf8_lossy(&greeting).into_owned();
-        assert!(text.starts_with(&format!("peer={}:", mesh.net.a.ip)), "{text}");
+        assert!(
+            text.starts_with(&format!("peer={}:", mesh.net.a.ip)),
+            "{text}"
+        );
     });
     for reason in ["bad_request", "wrong_destination", "header_too_large"] {
         assert!(
@@ -222,7 +269,11 @@ fn malformed_local_config_is_rejected_and_the_previous_state_keeps_working() {
         "{}",
         mesh.zt.metrics()
     );
-    assert!(mesh.zt.log().contains("bogusField"), "error names the field:\n{}", mesh.zt.log());
+    assert!(
+        mesh.zt.log().contains("bogusField"),
+        "error names the field:\n{}",
+        mesh.zt.log()
+    );
     assert_eq!(live.echo(b"alive").unwrap(), b"alive");
     mesh.check_echo();
 }

@@ -24,7 +24,10 @@ fn allow_policy_for_another_principal_refuses_and_counts_the_failure() {
         },
     );
     let mut client = mesh.connect().expect("client connects to its ztunnel");
-    assert!(client.greeting().is_err(), "denied connection must not reach the app");
+    assert!(
+        client.greeting().is_err(),
+        "denied connection must not reach the app"
+    );
     assert!(mesh.server.peers.lock().unwrap().is_empty());
     assert!(
         eventually(Duration::from_secs(5), || {
@@ -45,9 +48,7 @@ fn allow_policy_for_another_principal_refuses_and_counts_the_failure() {
     mesh.set_policies(&allow_principal(CLIENT));
     assert!(
         eventually(Duration::from_secs(5), || {
-            mesh.connect()
-                .and_then(|mut c| c.greeting())
-                .is_ok()
+            mesh.connect().and_then(|mut c| c.greeting()).is_ok()
         }),
         "{}",
         mesh.zt.log()
@@ -105,8 +106,15 @@ fn strict_policy_rejects_plaintext_but_admits_mtls() {
     mesh.check_echo();
     let plain = bypass_connect(&mesh.net.a.ns, mesh.server_addr()).expect("tcp connect");
     let mut plain = Client::from_stream(plain).unwrap();
-    assert!(plain.greeting().is_err(), "plaintext must be refused under STRICT");
-    assert_eq!(mesh.server.peers.lock().unwrap().len(), 1, "only the mTLS client got through");
+    assert!(
+        plain.greeting().is_err(),
+        "plaintext must be refused under STRICT"
+    );
+    assert_eq!(
+        mesh.server.peers.lock().unwrap().len(),
+        1,
+        "only the mTLS client got through"
+    );
     // PERMISSIVE (no policy) admits plaintext again.
     mesh.set_policies("");
     assert!(eventually(Duration::from_secs(5), || {

@@ -48,11 +48,17 @@ fn echo_between_pods_goes_over_hbone_with_client_ip_preserved() {
         "istio_tcp_received_bytes_total",
         &[("reporter", "destination")],
     );
-    assert!(received >= 10.0, "client-to-server bytes counted: {received}");
+    assert!(
+        received >= 10.0,
+        "client-to-server bytes counted: {received}"
+    );
     assert_eq!(mesh.server.peers.lock().unwrap().len(), 1);
     // The access log names both identities.
     let log = mesh.zt.log();
-    assert!(log.contains(CLIENT) && log.contains(SERVER), "access log:\n{log}");
+    assert!(
+        log.contains(CLIENT) && log.contains(SERVER),
+        "access log:\n{log}"
+    );
 }
 
 #[test]
@@ -97,18 +103,31 @@ fn certificate_rotation_keeps_a_long_lived_connection() {
     );
     let mut long_lived = mesh.check_echo();
     let issued_before = mesh.ca.as_ref().unwrap().issued();
-    assert!(issued_before >= 2, "client and server certs came from the CA");
+    assert!(
+        issued_before >= 2,
+        "client and server certs came from the CA"
+    );
     // Rotation happens at half-life (2 s); keep talking across several rotations.
     for i in 0..14u8 {
-        assert_eq!(long_lived.echo(&[i; 100]).unwrap(), vec![i; 100], "echo {i}");
+        assert_eq!(
+            long_lived.echo(&[i; 100]).unwrap(),
+            vec![i; 100],
+            "echo {i}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     let rotations = mesh.metric("ztunnel_certificate_rotations_total", &[]);
-    assert!(rotations >= 2.0, "rotations: {rotations}\n{}", mesh.zt.log());
+    assert!(
+        rotations >= 2.0,
+        "rotations: {rotations}\n{}",
+        mesh.zt.log()
+    );
     assert!(mesh.ca.as_ref().unwrap().issued() > issued_before);
     // Certificates in use now are fresh: the first ones have expired, yet new connections work.
     mesh.check_echo();
     let dump = mesh.zt.config_dump();
-    let certs = dump["certificates"].as_array().expect("certificates in config_dump");
+    let certs = dump["certificates"]
+        .as_array()
+        .expect("certificates in config_dump");
     assert_eq!(certs.len(), 2, "{dump}");
 }

@@ -58,7 +58,9 @@ impl InpodManager {
             };
             match result {
                 Err(ZdsError::Closed) => tracing::info!("node agent closed the ZDS connection"),
-                Err(e) => tracing::warn!(error = %e, uds = %self.uds.display(), "ZDS connection failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, uds = %self.uds.display(), "ZDS connection failed")
+                }
                 Ok(()) => {}
             }
             tokio::select! {

@@ -139,20 +139,10 @@ async fn handle_request(
         );
     }
     let Some(local) = inputs.local_workload() else {
-        return reject(
-            &inputs,
-            req,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_workload",
-        );
+        return reject(&inputs, req, StatusCode::SERVICE_UNAVAILABLE, "no_workload");
     };
     if !local.addresses.contains(&authority.ip()) {
-        return reject(
-            &inputs,
-            req,
-            StatusCode::BAD_REQUEST,
-            "wrong_destination",
-        );
+        return reject(&inputs, req, StatusCode::BAD_REQUEST, "wrong_destination");
     }
     let src_workload = {
         let addr = NetworkAddress::new(inputs.shared.config.network.clone(), peer.ip());

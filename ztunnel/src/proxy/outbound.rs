@@ -121,11 +121,7 @@ fn is_self(src: Option<&Workload>, wp: &GatewayAddress, inputs: &ProxyInputs) ->
     }
 }
 
-fn workload_upstream(
-    w: Arc<Workload>,
-    port: u16,
-    service: Option<Arc<Service>>,
-) -> Upstream {
+fn workload_upstream(w: Arc<Workload>, port: u16, service: Option<Arc<Service>>) -> Upstream {
     let Some(ip) = w.addresses.first().copied() else {
         return Upstream::Passthrough {
             addr: SocketAddr::new([0, 0, 0, 0].into(), port),
@@ -368,18 +364,18 @@ async fn passthrough(
     labels: &crate::metrics::ConnectionLabels,
 ) -> Result<(u64, u64), String> {
     let connect = socket::connect(&inputs.netns, addr, None);
-    let mut upstream = match tokio::time::timeout(inputs.shared.config.connect_timeout, connect).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            inputs.shared.metrics.connection_failed(labels);
-            return Err(format!("connect {addr}: {e}"));
-        }
-        Err(_) => {
-            inputs.shared.metrics.connection_failed(labels);
-            return Err(format!("connect {addr}: timed out"));
-        }
-    };
+    let mut upstream =
+        match tokio::time::timeout(inputs.shared.config.connect_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                inputs.shared.metrics.connection_failed(labels);
+                return Err(format!("connect {addr}: {e}"));
+            }
+            Err(_) => {
+                inputs.shared.metrics.connection_failed(labels);
+                return Err(format!("connect {addr}: timed out"));
+            }
+        };
     let mut guard = inputs.shared.metrics.open_connection(labels);
     let copied = tokio::select! {
         r = tokio::io::copy_bidirectional(client, &mut upstream) => r,
