@@ -39,15 +39,20 @@ impl IstioCertificateService for Service {
             return Err(Status::unauthenticated("bad token"));
         }
         let req = request.into_inner();
-        let uri = req
+        let impersonated = req
             .metadata
             .as_ref()
             .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
             .and_then(|v| match &v.kind {
                 Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
                 _ => None,
-            })
-            .ok_or_else(|| Status::invalid_argument("no ImpersonatedIdentity"))?;
+            });
+        // Without impersonation (dedicated mode) the caller asks for its own identity: the
+        // one in its CSR. (A real CA takes it from the token; this one trusts the test.)
+        let uri = match impersonated {
+            Some(uri) => uri,
+            None => csr_identity(&req.csr)?,
+        };
         let id: Identity = uri
             .parse()
             .map_err(|_| Status::invalid_argument("bad identity"))?;
@@ -59,6 +64,19 @@ impl IstioCertificateService for Service {
         self.issued.fetch_add(1, Ordering::Relaxed);
         Ok(Response::new(IstioCertificateResponse { cert_chain }))
     }
+}
+
+fn csr_identity(csr_pem: &str) -> Result<String, Status> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
+    csr.params
+        .subject_alt_names
+        .iter()
+        .find_map(|san| match san {
+            rcgen::SanType::URI(u) => Some(u.as_str().to_string()),
+            _ => None,
+        })
+        .ok_or_else(|| Status::invalid_argument("CSR has no URI SAN"))
 }
 
 /// A running test CA.
@@ -73,7 +91,15 @@ impl TestCa {
     /// Serves on 127.0.0.1:`port` inside netns `ns` (where ztunnel runs).
     pub fn start(ns: &str, port: u16) -> Self {
         let ca = Arc::new(FakeCa::new("cluster.local").expect("test CA"));
-        let issued = Arc::new(AtomicU64::new(0));
+        Self::serve(ca, Arc::new(AtomicU64::new(0)), ns, port)
+    }
+
+    /// Serves the same CA (same root, same counter) in another netns too.
+    pub fn serve_also(&self, ns: &str, port: u16) -> Self {
+        Self::serve(self.ca.clone(), self.issued.clone(), ns, port)
+    }
+
+    fn serve(ca: Arc<FakeCa>, issued: Arc<AtomicU64>, ns: &str, port: u16) -> Self {
         let listener = in_netns(ns, move || {
             std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind test CA")
         });

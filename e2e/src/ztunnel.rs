@@ -25,7 +25,7 @@ impl Ztunnel {
         uds: &Path,
         env: &[(&str, &str)],
     ) -> Self {
-        let log = dir.join(format!("ztunnel-{}.log", std::process::id()));
+        let log = dir.join(format!("ztunnel-{ns}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
         let mut cmd = Command::new("ip");

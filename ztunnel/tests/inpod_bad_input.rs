@@ -14,7 +14,7 @@ use e2e::apps::bypass_connect;
 use hbone::Identity;
 use hbone::ca::FakeCa;
 use hbone::certificate::WorkloadCertificate;
-use mesh::{Mesh, Options, eventually};
+use mesh::{Options, eventually};
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncReadExt;
 
@@ -76,7 +76,7 @@ fn bad_clients_on_15008_are_refused_and_counted_without_disturbing_others() {
     if !e2e::require_root() {
         return;
     }
-    let mesh = Mesh::start(
+    let mesh = mesh::start(
         7,
         Options {
             test_ca: true,
@@ -190,7 +190,7 @@ fn malformed_hbone_requests_get_error_statuses_and_are_counted() {
     if !e2e::require_root() {
         return;
     }
-    let mesh = Mesh::start(
+    let mesh = mesh::start(
         8,
         Options {
             test_ca: true,
@@ -259,7 +259,7 @@ fn malformed_local_config_is_rejected_and_the_previous_state_keeps_working() {
     if !e2e::require_root() {
         return;
     }
-    let mesh = Mesh::start(9, Options::default());
+    let mesh = mesh::start(9, Options::default());
     let mut live = mesh.check_echo();
     mesh.write_config("workloads:\n- name: a\n  bogusField: 1\n  services: {}\n");
     assert!(

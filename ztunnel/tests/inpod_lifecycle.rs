@@ -5,14 +5,14 @@ mod mesh;
 
 use std::time::{Duration, Instant};
 
-use mesh::{Mesh, Options};
+use mesh::Options;
 
 #[test]
 fn sigterm_drains_in_flight_transfers_and_refuses_new_connections() {
     if !e2e::require_root() {
         return;
     }
-    let mut mesh = Mesh::start(
+    let mut mesh = mesh::start(
         10,
         Options {
             env: vec![("DRAIN_DURATION", "4s")],
@@ -47,7 +47,7 @@ fn drain_deadline_cuts_connections_that_outlive_it() {
     if !e2e::require_root() {
         return;
     }
-    let mut mesh = Mesh::start(
+    let mut mesh = mesh::start(
         11,
         Options {
             env: vec![("DRAIN_DURATION", "1s")],
@@ -74,7 +74,7 @@ fn zds_delete_stops_the_pods_proxy_and_resnapshot_keeps_the_rest() {
     if !e2e::require_root() {
         return;
     }
-    let mesh = Mesh::start(12, Options::default());
+    let mesh = mesh::start(12, Options::default());
     mesh.check_echo();
     assert_eq!(mesh.peer.del("uid-a"), "");
     // Pod a's capture rules now lead nowhere: fail closed, never plaintext.
@@ -93,7 +93,7 @@ fn reconnecting_node_agent_snapshot_drops_pods_it_no_longer_lists() {
     if !e2e::require_root() {
         return;
     }
-    let mesh = Mesh::start(13, Options::default());
+    let mesh = mesh::start(13, Options::default());
     mesh.check_echo();
     // The node agent restarts: ztunnel reconnects; the new snapshot only lists pod b.
     mesh.peer.shutdown();

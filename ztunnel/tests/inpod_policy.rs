@@ -7,7 +7,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use e2e::apps::{Client, bypass_connect};
-use mesh::{Mesh, Options, allow_principal, deny_principal, eventually};
+use mesh::{Options, allow_principal, deny_principal, eventually};
 
 const CLIENT: &str = "cluster.local/ns/default/sa/client";
 
@@ -16,7 +16,7 @@ fn allow_policy_for_another_principal_refuses_and_counts_the_failure() {
     if !e2e::require_root() {
         return;
     }
-    let mesh = Mesh::start(
+    let mesh = mesh::start(
         4,
         Options {
             policies: &allow_principal("cluster.local/ns/default/sa/someone-else"),
@@ -60,7 +60,7 @@ fn policy_change_closes_a_now_denied_live_connection_within_a_second() {
     if !e2e::require_root() {
         return;
     }
-    let mesh = Mesh::start(5, Options::default());
+    let mesh = mesh::start(5, Options::default());
     let mut live = mesh.check_echo();
     let changed = Instant::now();
     mesh.set_policies(&deny_principal(CLIENT));
@@ -96,7 +96,7 @@ fn strict_policy_rejects_plaintext_but_admits_mtls() {
   action: Deny
   rules: [[[{notPrincipals: [{Presence: {}}]}]]]
 "#;
-    let mesh = Mesh::start(
+    let mesh = mesh::start(
         6,
         Options {
             policies: strict,

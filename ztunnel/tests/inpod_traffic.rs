@@ -6,7 +6,7 @@ mod mesh;
 use std::time::Duration;
 
 use e2e::apps::{Client, bypass_connect};
-use mesh::{Mesh, Options, eventually};
+use mesh::{Options, eventually};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/default/sa/server";
@@ -16,7 +16,7 @@ fn echo_between_pods_goes_over_hbone_with_client_ip_preserved() {
     if !e2e::require_root() {
         return;
     }
-    let mesh = Mesh::start(1, Options::default());
+    let mesh = mesh::start(1, Options::default());
     let mut client = mesh.connect().expect("connect through ztunnel");
     let peer = client.greeting().expect("greeting");
     assert!(
@@ -66,7 +66,7 @@ fn plaintext_to_a_pod_is_captured_on_15006_and_reported_without_mtls() {
     if !e2e::require_root() {
         return;
     }
-    let mesh = Mesh::start(2, Options::default());
+    let mesh = mesh::start(2, Options::default());
     // Bypass pod a's own capture: this is what a client outside the mesh looks like to pod b.
     let stream = bypass_connect(&mesh.net.a.ns, mesh.server_addr()).expect("connect");
     let mut client = Client::from_stream(stream).unwrap();
@@ -93,7 +93,7 @@ fn certificate_rotation_keeps_a_long_lived_connection() {
     if !e2e::require_root() {
         return;
     }
-    let mesh = Mesh::start(
+    let mesh = mesh::start(
         3,
         Options {
             env: vec![("SECRET_TTL", "4s")],
@@ -130,4 +130,48 @@ fn certificate_rotation_keeps_a_long_lived_connection() {
         .as_array()
         .expect("certificates in config_dump");
     assert_eq!(certs.len(), 2, "{dump}");
+}
+
+#[test]
+fn dedicated_mode_serves_one_workload_from_its_own_netns() {
+    if !e2e::require_root() {
+        return;
+    }
+    let mesh = mesh::start(
+        14,
+        Options {
+            dedicated_server: true,
+            ..Default::default()
+        },
+    );
+    let zt_b = mesh.zt_b.as_ref().unwrap();
+    let logs = || {
+        format!(
+            "node ztunnel:\n{}\ndedicated ztunnel:\n{}",
+            mesh.zt.log(),
+            zt_b.log()
+        )
+    };
+    let mut client = mesh.connect().expect("connect");
+    let peer = client
+        .greeting()
+        .unwrap_or_else(|e| panic!("greeting: {e}\n{}", logs()));
+    assert!(peer.starts_with(&format!("{}:", mesh.net.a.ip)), "{peer}");
+    drop(client);
+    let labels = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+        ("source_principal", CLIENT),
+    ];
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            e2e::ztunnel::metric_sum(
+                &zt_b.metrics(),
+                "istio_tcp_connections_closed_total",
+                &labels,
+            ) >= 1.0
+        }),
+        "{}",
+        zt_b.metrics()
+    );
 }

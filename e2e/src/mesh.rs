@@ -1,0 +1,226 @@
+//! A running test mesh: two pod netns with redirection, the real ztunnel in shared mode fed by
+//! a ZDS stand-in, a local config file as the state source, and an echo server in pod b.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::apps::{Client, EchoServer};
+use crate::ca::TestCa;
+use crate::netns::TestNet;
+use crate::zds::{ZdsPeer, ZdsServer};
+use crate::ztunnel::Ztunnel;
+
+/// Port of the echo app in pod b.
+pub const APP_PORT: u16 = 8080;
+/// Port of the test CA inside ztunnel's netns.
+const CA_PORT: u16 = 15012;
+
+/// How a mesh is started.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// Policies section of the local config (YAML, starting with `policies:`).
+    pub policies: &'a str,
+    /// Extra environment for ztunnel.
+    pub env: Vec<(&'a str, &'a str)>,
+    /// Use the gRPC test CA instead of ztunnel's in-process FAKE_CA.
+    pub test_ca: bool,
+    /// Serve pod b with its own ztunnel in dedicated mode (inside b's netns) instead of the
+    /// shared node ztunnel; implies the test CA.
+    pub dedicated_server: bool,
+}
+
+/// The mesh; everything is torn down on drop.
+pub struct Mesh {
+    pub net: TestNet,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub zt: Ztunnel,
+    /// pod b's dedicated ztunnel, when asked for.
+    pub zt_b: Option<Ztunnel>,
+    pub ca: Option<TestCa>,
+    /// The test CA's second listener (inside pod b), for the dedicated ztunnel.
+    pub ca_b: Option<TestCa>,
+    pub zds: ZdsServer,
+    pub peer: ZdsPeer,
+    pub server: EchoServer,
+}
+
+/// The local config for pods a (sa `client`) and b (sa `server`), both HBONE.
+pub fn config_yaml(net: &TestNet, policies: &str) -> String {
+    format!(
+        r#"workloads:
+- uid: Kubernetes//v1/Pod/default/a
+  name: a
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["{a}"]
+  protocol: HBONE
+  canonicalName: client-app
+  canonicalRevision: v1
+  services: {{}}
+- uid: Kubernetes//v1/Pod/default/b
+  name: b
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["{b}"]
+  protocol: HBONE
+  canonicalName: server-app
+  canonicalRevision: v2
+  services: {{}}
+{policies}"#,
+        a = net.a.ip,
+        b = net.b.ip,
+    )
+}
+
+impl Mesh {
+    /// Starts a mesh with the ztunnel binary `bin` for test number `id` (unique per test: it
+    /// picks netns names and addresses).
+    pub fn start(bin: &Path, id: u8, opts: Options<'_>) -> Self {
+        let net = TestNet::new(id);
+        net.install_redirection();
+        let dir = std::env::temp_dir().join(format!("ztunnel-test-{}", net.prefix));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("config.yaml");
+        std::fs::write(&config, config_yaml(&net, opts.policies)).unwrap();
+        let uds = dir.join("zds.sock");
+        let zds = ZdsServer::bind(&uds);
+        let mut env = opts.env.clone();
+        let token = dir.join("token");
+        let ca_address = format!("http://127.0.0.1:{CA_PORT}");
+        let token_path = token.to_string_lossy().into_owned();
+        let ca = if opts.test_ca || opts.dedicated_server {
+            std::fs::write(&token, crate::ca::TOKEN).unwrap();
+            env.extend([
+                ("FAKE_CA", "false"),
+                ("CA_ADDRESS", ca_address.as_str()),
+                ("AUTH_TOKEN", token_path.as_str()),
+            ]);
+            Some(TestCa::start(&net.zt, CA_PORT))
+        } else {
+            None
+        };
+        let mut zt = Ztunnel::start(bin, &net.zt, &dir, &config, &uds, &env);
+        let peer = zds.accept();
+        let mut pods = vec![("uid-a", &net.a, "a", "client")];
+        if !opts.dedicated_server {
+            pods.push(("uid-b", &net.b, "b", "server"));
+        }
+        for (uid, pod, name, sa) in pods {
+            let err = peer.add(uid, name, "default", sa, &pod.netns_fd());
+            assert_eq!(err, "", "add {name}");
+        }
+        assert_eq!(peer.snapshot_sent(), "");
+        zt.wait_ready();
+        let (mut zt_b, mut ca_b) = (None, None);
+        if let (true, Some(ca)) = (opts.dedicated_server, &ca) {
+            ca_b = Some(ca.serve_also(&net.b.ns, CA_PORT));
+            env.extend([
+                ("PROXY_MODE", "dedicated"),
+                ("PROXY_WORKLOAD_INFO", "default/b/server"),
+            ]);
+            let mut z = Ztunnel::start(bin, &net.b.ns, &dir, &config, &uds, &env);
+            z.wait_ready();
+            zt_b = Some(z);
+        }
+        let server = EchoServer::start(&net.b.ns, APP_PORT);
+        Mesh {
+            net,
+            dir,
+            config,
+            zt,
+            zt_b,
+            ca,
+            ca_b,
+            zds,
+            peer,
+            server,
+        }
+    }
+
+    /// The echo app's address.
+    pub fn server_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.net.b.ip, APP_PORT))
+    }
+
+    /// pod b's HBONE address.
+    pub fn hbone_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.net.b.ip, 15008))
+    }
+
+    /// Connects from pod a to the echo app (captured by ztunnel).
+    pub fn connect(&self) -> std::io::Result<Client> {
+        Client::connect(&self.net.a.ns, self.server_addr())
+    }
+
+    /// Connects and checks the echo works end to end.
+    pub fn check_echo(&self) -> Client {
+        let mut c = self.connect().expect("connect");
+        c.greeting().expect("greeting");
+        assert_eq!(c.echo(b"ping").expect("echo"), b"ping");
+        c
+    }
+
+    /// Rewrites the config file atomically (ztunnel reloads it).
+    pub fn write_config(&self, contents: &str) {
+        let tmp = self.dir.join("config.yaml.tmp");
+        std::fs::write(&tmp, contents).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    /// Replaces the policies in the config file.
+    pub fn set_policies(&self, policies: &str) {
+        self.write_config(&config_yaml(&self.net, policies));
+    }
+
+    /// Current value of a metric (sum over series matching `labels`).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        crate::ztunnel::metric_sum(&self.zt.metrics(), name, labels)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// An allow policy for exactly one principal, scoped to the namespace.
+pub fn allow_principal(principal: &str) -> String {
+    format!(
+        r#"policies:
+- name: allow-one
+  namespace: default
+  scope: Namespace
+  action: Allow
+  rules: [[[{{principals: [{{Exact: "{principal}"}}]}}]]]
+"#
+    )
+}
+
+/// A deny policy for one principal, scoped to the namespace.
+pub fn deny_principal(principal: &str) -> String {
+    format!(
+        r#"policies:
+- name: deny-one
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules: [[[{{principals: [{{Exact: "{principal}"}}]}}]]]
+"#
+    )
+}
