@@ -14,7 +14,7 @@ use e2e::apps::bypass_connect;
 use hbone::Identity;
 use hbone::ca::FakeCa;
 use hbone::certificate::WorkloadCertificate;
-use mesh::{Options, eventually};
+use mesh::{Mesh, Options, eventually};
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncReadExt;
 
