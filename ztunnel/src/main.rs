@@ -1,5 +1,6 @@
 //! ztunnel binary: parse flags, set up logging, run.
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 
 use clap::Parser;
@@ -31,6 +32,7 @@ fn init_logging(args: &Args) -> anyhow::Result<LogControl> {
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Plain => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .boxed(),
     };
