@@ -90,34 +90,17 @@ pub trait CertificateProvider: Send + Sync {
     fn fetch(&self, id: &Identity) -> FetchFuture<'_>;
 }
 
-/// Where the CA bearer token comes from.
-#[derive(Debug, Clone, Default)]
-pub enum TokenSource {
-    /// Send no `authorization` header.
-    #[default]
-    None,
-    /// A fixed token.
-    Static(String),
-    /// A file re-read on every request (projected tokens rotate).
-    File(PathBuf),
-}
+pub use xds::client::TokenSource;
 
-impl TokenSource {
-    async fn token(&self) -> Result<Option<String>, CaError> {
-        let token = match self {
-            TokenSource::None => return Ok(None),
-            TokenSource::Static(t) => t.trim().to_string(),
-            TokenSource::File(path) => tokio::fs::read_to_string(path)
-                .await
-                .map_err(|source| CaError::Token {
-                    path: path.clone(),
-                    source,
-                })?
-                .trim()
-                .to_string(),
-        };
-        Ok((!token.is_empty()).then_some(token))
-    }
+/// Reads the bearer token, naming the file when that fails.
+async fn bearer(token: &TokenSource) -> Result<Option<String>, CaError> {
+    token.token().await.map_err(|source| CaError::Token {
+        path: match token {
+            TokenSource::File(p) => p.clone(),
+            _ => PathBuf::new(),
+        },
+        source,
+    })
 }
 
 /// Settings for [`IstioCaClient`].
@@ -243,7 +226,7 @@ impl IstioCaClient {
             validity_duration: i64::try_from(self.config.ttl.as_secs()).unwrap_or(i64::MAX),
             metadata,
         });
-        if let Some(token) = self.config.token.token().await? {
+        if let Some(token) = bearer(&self.config.token).await? {
             let v = MetadataValue::try_from(format!("Bearer {token}"))
                 .map_err(|_| CaError::Metadata("authorization"))?;
             req.metadata_mut().insert("authorization", v);

@@ -54,13 +54,15 @@ pub enum TokenSource {
 }
 
 impl TokenSource {
-    /// The current token, if any.
-    pub fn token(&self) -> std::io::Result<Option<String>> {
-        match self {
-            TokenSource::None => Ok(None),
-            TokenSource::Static(t) => Ok(Some(t.clone())),
-            TokenSource::File(p) => Ok(Some(std::fs::read_to_string(p)?.trim().to_string())),
-        }
+    /// The current token (trimmed; an empty token counts as none). Files are re-read each time
+    /// because projected service account tokens rotate.
+    pub async fn token(&self) -> std::io::Result<Option<String>> {
+        let token = match self {
+            TokenSource::None => return Ok(None),
+            TokenSource::Static(t) => t.trim().to_string(),
+            TokenSource::File(p) => tokio::fs::read_to_string(p).await?.trim().to_string(),
+        };
+        Ok((!token.is_empty()).then_some(token))
     }
 }
 
@@ -245,10 +247,15 @@ impl DeltaClient {
         }
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         let md = request.metadata_mut();
-        if let Ok(Some(token)) = self.config.token.token()
-            && let Ok(v) = MetadataValue::try_from(format!("Bearer {token}"))
-        {
-            md.insert("authorization", v);
+        match self.config.token.token().await {
+            Ok(Some(token)) => match MetadataValue::try_from(format!("Bearer {token}")) {
+                Ok(v) => {
+                    md.insert("authorization", v);
+                }
+                Err(_) => tracing::warn!("xDS token is not a valid header value; sending none"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read xDS token; sending none"),
         }
         if let Ok(v) = MetadataValue::try_from(self.config.cluster_id.as_str()) {
             md.insert("clusterid", v);

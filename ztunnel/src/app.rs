@@ -288,10 +288,7 @@ fn start_xds(
         address: args.xds_address.clone(),
         root_ca_pem,
         tls_server_name: args.xds_server_name.clone(),
-        token: match token_source(&args.auth_token) {
-            TokenSource::File(p) => xds::client::TokenSource::File(p),
-            _ => xds::client::TokenSource::None,
-        },
+        token: token_source(&args.auth_token),
         cluster_id: args.cluster_id.clone(),
         node,
         wildcard_types: types,
