@@ -25,6 +25,12 @@ pub struct Options<'a> {
     pub env: Vec<(&'a str, &'a str)>,
     /// Use the gRPC test CA instead of ztunnel's in-process FAKE_CA.
     pub test_ca: bool,
+    /// YAML for pod b's `services` map (default `{}`).
+    pub server_services: &'a str,
+    /// pod b's `protocol` (default HBONE).
+    pub server_protocol: &'a str,
+    /// A top-level `services:` section, if any.
+    pub services: &'a str,
     /// Serve pod b with its own ztunnel in dedicated mode (inside b's netns) instead of the
     /// shared node ztunnel; implies the test CA.
     pub dedicated_server: bool,
@@ -33,6 +39,8 @@ pub struct Options<'a> {
 /// The mesh; everything is torn down on drop.
 pub struct Mesh {
     pub net: TestNet,
+    /// The config file's parts other than policies.
+    layout: Layout,
     pub dir: PathBuf,
     pub config: PathBuf,
     pub zt: Ztunnel,
@@ -46,8 +54,16 @@ pub struct Mesh {
     pub server: EchoServer,
 }
 
-/// The local config for pods a (sa `client`) and b (sa `server`), both HBONE.
-pub fn config_yaml(net: &TestNet, policies: &str) -> String {
+/// What the local config says besides policies.
+#[derive(Clone)]
+struct Layout {
+    server_services: String,
+    server_protocol: String,
+    services: String,
+}
+
+/// The local config for pods a (sa `client`) and b (sa `server`); HBONE unless told otherwise.
+fn config_yaml(net: &TestNet, layout: &Layout, policies: &str) -> String {
     format!(
         r#"workloads:
 - uid: Kubernetes//v1/Pod/default/a
@@ -64,13 +80,17 @@ pub fn config_yaml(net: &TestNet, policies: &str) -> String {
   namespace: default
   serviceAccount: server
   workloadIps: ["{b}"]
-  protocol: HBONE
+  protocol: {protocol}
   canonicalName: server-app
   canonicalRevision: v2
-  services: {{}}
+  services: {server_services}
+{services}
 {policies}"#,
         a = net.a.ip,
         b = net.b.ip,
+        protocol = layout.server_protocol,
+        server_services = layout.server_services,
+        services = layout.services,
     )
 }
 
@@ -84,7 +104,19 @@ impl Mesh {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("config.yaml");
-        std::fs::write(&config, config_yaml(&net, opts.policies)).unwrap();
+        let or = |s: &str, default: &str| {
+            if s.is_empty() {
+                default.to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        let layout = Layout {
+            server_services: or(opts.server_services, "{}"),
+            server_protocol: or(opts.server_protocol, "HBONE"),
+            services: opts.services.to_string(),
+        };
+        std::fs::write(&config, config_yaml(&net, &layout, opts.policies)).unwrap();
         let uds = dir.join("zds.sock");
         let zds = ZdsServer::bind(&uds);
         let mut env = opts.env.clone();
@@ -128,6 +160,7 @@ impl Mesh {
         let server = EchoServer::start(&net.b.ns, APP_PORT);
         Mesh {
             net,
+            layout,
             dir,
             config,
             zt,
@@ -172,7 +205,7 @@ impl Mesh {
 
     /// Replaces the policies in the config file.
     pub fn set_policies(&self, policies: &str) {
-        self.write_config(&config_yaml(&self.net, policies));
+        self.write_config(&config_yaml(&self.net, &self.layout, policies));
     }
 
     /// Current value of a metric (sum over series matching `labels`).

@@ -175,3 +175,76 @@ fn dedicated_mode_serves_one_workload_from_its_own_netns() {
         zt_b.metrics()
     );
 }
+
+#[test]
+fn service_vip_reaches_an_endpoint_over_hbone_with_port_mapping() {
+    if !e2e::require_root() {
+        return;
+    }
+    let services = r#"services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/10.77.15.100"]
+  ports: {80: 8080}
+  subjectAltNames: ["spiffe://cluster.local/ns/default/sa/server"]"#;
+    let mesh = mesh::start(
+        15,
+        Options {
+            server_services: r#"{"default/echo.default.svc.cluster.local": {80: 8080}}"#,
+            services,
+            ..Default::default()
+        },
+    );
+    let vip = std::net::SocketAddr::from(([10, 77, 15, 100], 80));
+    for _ in 0..3 {
+        let mut c = Client::connect(&mesh.net.a.ns, vip).expect("connect to VIP");
+        let peer = c
+            .greeting()
+            .unwrap_or_else(|e| panic!("greeting via VIP: {e}\n{}", mesh.zt.log()));
+        assert!(peer.starts_with(&format!("{}:", mesh.net.a.ip)), "{peer}");
+    }
+    let labels = [
+        ("reporter", "source"),
+        ("connection_security_policy", "mutual_tls"),
+        ("destination_service", "echo.default.svc.cluster.local"),
+        ("destination_workload", "b"),
+    ];
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            mesh.metric("istio_tcp_connections_closed_total", &labels) >= 3.0
+        }),
+        "{}",
+        mesh.zt.metrics()
+    );
+}
+
+#[test]
+fn destination_without_hbone_is_passed_through_in_plaintext() {
+    if !e2e::require_root() {
+        return;
+    }
+    let mesh = mesh::start(
+        16,
+        Options {
+            server_protocol: "TCP",
+            ..Default::default()
+        },
+    );
+    let mut c = mesh.connect().expect("connect");
+    let peer = c.greeting().expect("greeting");
+    assert!(peer.starts_with(&format!("{}:", mesh.net.a.ip)), "{peer}");
+    drop(c);
+    let source = [
+        ("reporter", "source"),
+        ("connection_security_policy", "unknown"),
+        ("destination_workload", "b"),
+    ];
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            mesh.metric("istio_tcp_connections_closed_total", &source) >= 1.0
+        }),
+        "{}",
+        mesh.zt.metrics()
+    );
+}
