@@ -8,7 +8,7 @@ pub mod inbound_plaintext;
 pub mod outbound;
 pub mod telemetry;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -167,9 +167,23 @@ impl Connector for NetnsConnector {
 /// A proxy whose listeners are bound and which is ready to run.
 pub struct Proxy {
     inputs: Arc<ProxyInputs>,
-    outbound: TcpListener,
-    inbound_plaintext: TcpListener,
-    hbone: TcpListener,
+    outbound: Vec<TcpListener>,
+    inbound_plaintext: Vec<TcpListener>,
+    hbone: Vec<TcpListener>,
+}
+
+/// Binds `port` on 0.0.0.0 (required) and on [::] (when the netns has IPv6).
+fn bind_dual(netns: &Netns, port: u16, opts: ListenOptions) -> std::io::Result<Vec<TcpListener>> {
+    let mut listeners = vec![socket::listen(
+        netns,
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        opts,
+    )?];
+    match socket::listen(netns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), opts) {
+        Ok(l) => listeners.push(l),
+        Err(e) => tracing::debug!(port, error = %e, "no IPv6 listener"),
+    }
+    Ok(listeners)
 }
 
 /// Stops a running proxy.
@@ -187,10 +201,9 @@ impl Proxy {
             transparent: true,
             mark: true,
         };
-        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let outbound = socket::listen(&netns, any(OUTBOUND_PORT), opts)?;
-        let inbound_plaintext = socket::listen(&netns, any(INBOUND_PLAINTEXT_PORT), opts)?;
-        let hbone = socket::listen(&netns, any(HBONE_PORT), opts)?;
+        let outbound = bind_dual(&netns, OUTBOUND_PORT, opts)?;
+        let inbound_plaintext = bind_dual(&netns, INBOUND_PLAINTEXT_PORT, opts)?;
+        let hbone = bind_dual(&netns, HBONE_PORT, opts)?;
         let pool = Pool::new(
             shared.config.pool.clone(),
             Arc::new(NetnsConnector {
@@ -222,24 +235,30 @@ impl Proxy {
         tracing::info!(workload = ?inputs.info, "proxy started");
         let mut tasks = JoinSet::new();
         let connections = tokio_util::task::TaskTracker::new();
-        tasks.spawn(outbound::serve(
-            inputs.clone(),
-            self.outbound,
-            drain.clone(),
-            connections.clone(),
-        ));
-        tasks.spawn(inbound_plaintext::serve(
-            inputs.clone(),
-            self.inbound_plaintext,
-            drain.clone(),
-            connections.clone(),
-        ));
-        tasks.spawn(inbound::serve(
-            inputs.clone(),
-            self.hbone,
-            drain.clone(),
-            connections.clone(),
-        ));
+        for l in self.outbound {
+            tasks.spawn(outbound::serve(
+                inputs.clone(),
+                l,
+                drain.clone(),
+                connections.clone(),
+            ));
+        }
+        for l in self.inbound_plaintext {
+            tasks.spawn(inbound_plaintext::serve(
+                inputs.clone(),
+                l,
+                drain.clone(),
+                connections.clone(),
+            ));
+        }
+        for l in self.hbone {
+            tasks.spawn(inbound::serve(
+                inputs.clone(),
+                l,
+                drain.clone(),
+                connections.clone(),
+            ));
+        }
         tasks.spawn(conntrack::recheck_on_policy_change(
             inputs.clone(),
             drain.clone(),
