@@ -141,11 +141,10 @@ impl ProxyInputs {
 
     /// The served workload's entry in the state, found by name and namespace.
     pub fn local_workload(&self) -> Option<Arc<Workload>> {
-        let state = self.shared.state.read();
-        state
-            .workloads()
-            .find(|w| w.name == self.info.name && w.namespace == self.info.namespace)
-            .cloned()
+        self.shared
+            .state
+            .read()
+            .workload_by_name(&self.info.namespace, &self.info.name)
     }
 }
 

@@ -19,6 +19,8 @@ pub struct ProxyState {
     // Several workloads may share an address (host-network pods); the latest upsert wins lookups
     // and the earlier ones come back when it leaves.
     workloads_by_addr: HashMap<NetworkAddress, Vec<WorkloadUid>>,
+    // (namespace, name) -> uids: how a proxy finds the pod it serves on every connection.
+    workloads_by_name: HashMap<(String, String), Vec<WorkloadUid>>,
     services: HashMap<NamespacedHostname, Arc<Service>>,
     services_by_vip: HashMap<NetworkAddress, Vec<NamespacedHostname>>,
     // Ordered so round robin sees a stable endpoint order.
@@ -56,6 +58,8 @@ impl ProxyState {
         for addr in workload.network_addresses() {
             index_add(&mut self.workloads_by_addr, addr, uid.clone());
         }
+        let name = (workload.namespace.clone(), workload.name.clone());
+        index_add(&mut self.workloads_by_name, name, uid.clone());
         for svc in workload.services.keys() {
             self.endpoints
                 .entry(svc.clone())
@@ -63,6 +67,14 @@ impl ProxyState {
                 .insert(uid.clone());
         }
         self.workloads.insert(uid, Arc::new(workload));
+    }
+
+    /// The workload named `namespace/name` (the latest upserted if several share it).
+    pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<Arc<Workload>> {
+        let uids = self
+            .workloads_by_name
+            .get(&(namespace.to_string(), name.to_string()))?;
+        self.workloads.get(uids.last()?).cloned()
     }
 
     /// Removes a workload; returns whether it existed.
@@ -73,6 +85,8 @@ impl ProxyState {
         for addr in old.network_addresses() {
             index_remove(&mut self.workloads_by_addr, &addr, uid);
         }
+        let name = (old.namespace.clone(), old.name.clone());
+        index_remove(&mut self.workloads_by_name, &name, uid);
         for svc in old.services.keys() {
             if let Some(set) = self.endpoints.get_mut(svc) {
                 set.remove(uid);

@@ -315,3 +315,14 @@ fn policies_for_returns_shared_arcs() {
     let b = s.policies_for(&w);
     assert!(Arc::ptr_eq(&a[0], &b[0]));
 }
+
+#[test]
+fn workloads_are_found_by_namespace_and_name_until_removed() {
+    let mut s = ProxyState::new();
+    let w = workload("a", "10.0.0.1", vec![]);
+    s.upsert_workload(w.clone());
+    assert_eq!(s.workload_by_name("default", "a").unwrap().uid, w.uid);
+    assert!(s.workload_by_name("other", "a").is_none());
+    s.remove_workload(&w.uid);
+    assert!(s.workload_by_name("default", "a").is_none());
+}
