@@ -8,6 +8,7 @@ pub mod inbound_plaintext;
 pub mod outbound;
 pub mod telemetry;
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,7 +109,14 @@ pub struct ProxyInputs {
     pub force_close: CancellationToken,
     /// TLS server config for the current certificate, rebuilt only when the cert rotates.
     server_tls: std::sync::Mutex<Option<(Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>)>>,
+    /// TLS client configs per expected peer identities, for the current certificate.
+    client_tls: std::sync::Mutex<HashMap<Vec<Identity>, ClientTls>>,
 }
+
+type ClientTls = (Arc<WorkloadCertificate>, Arc<rustls::ClientConfig>);
+
+/// Upper bound on cached client configs per proxy (distinct destination identity sets).
+const CLIENT_TLS_CACHE: usize = 1024;
 
 impl ProxyInputs {
     /// The SPIFFE identity of the served workload.
@@ -136,6 +144,26 @@ impl ProxyInputs {
         }
         let cfg = hbone::tls::server_config(&cert).map_err(|e| e.to_string())?;
         *cached = Some((cert, cfg.clone()));
+        Ok(cfg)
+    }
+
+    /// A TLS client config presenting `cert` and accepting only `expected` (sorted) peers.
+    pub fn client_tls(
+        &self,
+        cert: &Arc<WorkloadCertificate>,
+        expected: &[Identity],
+    ) -> Result<Arc<rustls::ClientConfig>, String> {
+        let mut cache = self.client_tls.lock().map_err(|e| e.to_string())?;
+        if let Some((c, cfg)) = cache.get(expected)
+            && Arc::ptr_eq(c, cert)
+        {
+            return Ok(cfg.clone());
+        }
+        let cfg = hbone::tls::client_config(cert, expected).map_err(|e| e.to_string())?;
+        if cache.len() >= CLIENT_TLS_CACHE {
+            cache.clear();
+        }
+        cache.insert(expected.to_vec(), (cert.clone(), cfg.clone()));
         Ok(cfg)
     }
 
@@ -218,6 +246,7 @@ impl Proxy {
             conns,
             force_close: CancellationToken::new(),
             server_tls: std::sync::Mutex::new(None),
+            client_tls: std::sync::Mutex::new(HashMap::new()),
         });
         Ok(Self {
             inputs,

@@ -325,7 +325,8 @@ async fn tunnel(
         .map_err(|e| fail(format!("no certificate for {src_identity}: {e}")))?;
     expected.sort();
     expected.dedup();
-    let tls = hbone::tls::client_config(&cert, &expected)
+    let tls = inputs
+        .client_tls(&cert, &expected)
         .map_err(|e| fail(format!("tls config: {e}")))?;
     let key = PoolKey {
         src_identity,
