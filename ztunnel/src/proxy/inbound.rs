@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::telemetry::{peer_labels, service_labels};
-use super::{ProxyInputs, accept_loop};
+use super::{ProxyInputs, accept_loop, deliver};
 use crate::accesslog::{ConnectionLog, Direction};
 use crate::metrics::{ConnectionLabels, Reporter, reporter_labels};
 use crate::rbac::{self, Decision};
@@ -176,27 +176,16 @@ async fn handle_request(
         log.emit();
         return reject(&inputs, req, StatusCode::UNAUTHORIZED, "rbac");
     }
-    // The app sees the client's address unless the client is this very pod.
-    let spoof = (!local.addresses.contains(&peer.ip())).then_some(peer.ip());
-    let connect = socket::connect(&inputs.netns, authority, spoof);
-    let mut upstream =
-        match tokio::time::timeout(inputs.shared.config.connect_timeout, connect).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                inputs.shared.metrics.connection_failed(&labels);
-                log.error = Some(format!("connect to app {authority}: {e}"));
-                log.duration = started.elapsed();
-                log.emit();
-                return reject(&inputs, req, StatusCode::SERVICE_UNAVAILABLE, "upstream");
-            }
-            Err(_) => {
-                inputs.shared.metrics.connection_failed(&labels);
-                log.error = Some(format!("connect to app {authority}: timed out"));
-                log.duration = started.elapsed();
-                log.emit();
-                return reject(&inputs, req, StatusCode::SERVICE_UNAVAILABLE, "upstream");
-            }
-        };
+    let mut upstream = match deliver::connect_app(&inputs, &local, peer.ip(), authority).await {
+        Ok(s) => s,
+        Err(e) => {
+            inputs.shared.metrics.connection_failed(&labels);
+            log.error = Some(e);
+            log.duration = started.elapsed();
+            log.emit();
+            return reject(&inputs, req, StatusCode::SERVICE_UNAVAILABLE, "upstream");
+        }
+    };
     let stream = match req.accept() {
         Ok(s) => s,
         Err(e) => {
@@ -204,25 +193,12 @@ async fn handle_request(
             return;
         }
     };
-    let tracked = inputs.conns.track(conn);
-    let mut guard = inputs.shared.metrics.open_connection(&labels);
-    let copied = tokio::select! {
-        r = hbone::stream::copy_bidirectional(&mut upstream, stream) => r.map_err(|e| e.to_string()),
-        _ = tracked.denied() => Err("closed: denied by updated policy".to_string()),
-        _ = inputs.force_close.cancelled() => Err("closed: drain deadline".to_string()),
+    let copy = async {
+        let (to_client, from_client) =
+            hbone::stream::copy_bidirectional(&mut upstream, stream).await?;
+        Ok((from_client, to_client))
     };
-    // Like Istio, "received" counts client-to-server bytes and "sent" the replies.
-    match copied {
-        Ok((to_client, from_client)) => {
-            guard.record_bytes(from_client, to_client);
-            log.bytes_recv = to_client;
-            log.bytes_sent = from_client;
-        }
-        Err(e) => log.error = Some(e),
-    }
-    guard.close();
-    log.duration = started.elapsed();
-    log.emit();
+    deliver::relay(&inputs, conn, &labels, log, started, copy).await;
 }
 
 /// Labels for a connection reported by the destination side.

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::inbound::inbound_labels;
-use super::{INBOUND_PLAINTEXT_PORT, ProxyInputs, accept_loop};
+use super::{INBOUND_PLAINTEXT_PORT, ProxyInputs, accept_loop, deliver};
 use crate::accesslog::{ConnectionLog, Direction};
 use crate::rbac::{self, Decision};
 use crate::socket;
@@ -74,40 +74,16 @@ async fn handle(inputs: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
         log.emit();
         return;
     }
-    let spoof = (!local.addresses.contains(&peer.ip())).then_some(peer.ip());
-    let connect = socket::connect(&inputs.netns, dst, spoof);
-    let mut upstream =
-        match tokio::time::timeout(inputs.shared.config.connect_timeout, connect).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                inputs.shared.metrics.connection_failed(&labels);
-                log.error = Some(format!("connect to app {dst}: {e}"));
-                log.emit();
-                return;
-            }
-            Err(_) => {
-                inputs.shared.metrics.connection_failed(&labels);
-                log.error = Some(format!("connect to app {dst}: timed out"));
-                log.emit();
-                return;
-            }
-        };
-    let tracked = inputs.conns.track(conn);
-    let mut guard = inputs.shared.metrics.open_connection(&labels);
-    let copied = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r.map_err(|e| e.to_string()),
-        _ = tracked.denied() => Err("closed: denied by updated policy".to_string()),
-        _ = inputs.force_close.cancelled() => Err("closed: drain deadline".to_string()),
-    };
-    match copied {
-        Ok((from_client, to_client)) => {
-            guard.record_bytes(from_client, to_client);
-            log.bytes_sent = from_client;
-            log.bytes_recv = to_client;
+    let mut upstream = match deliver::connect_app(&inputs, &local, peer.ip(), dst).await {
+        Ok(s) => s,
+        Err(e) => {
+            inputs.shared.metrics.connection_failed(&labels);
+            log.error = Some(e);
+            log.duration = started.elapsed();
+            log.emit();
+            return;
         }
-        Err(e) => log.error = Some(e),
-    }
-    guard.close();
-    log.duration = started.elapsed();
-    log.emit();
+    };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    deliver::relay(&inputs, conn, &labels, log, started, copy).await;
 }

@@ -3,6 +3,7 @@
 //! metrics.
 
 pub mod conntrack;
+pub mod deliver;
 pub mod inbound;
 pub mod inbound_plaintext;
 pub mod outbound;
