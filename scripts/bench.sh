@@ -20,9 +20,9 @@ have wrk || need+=(wrk)
 have iperf3 || need+=(iperf3)
 have nginx || need+=(nginx)
 if [ ${#need[@]} -gt 0 ]; then
-  echo "==> installing ${need[*]}"
+  echo "==> installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  apt-get update -qq >&2
   # nginx-light is enough (static files only); fall back to nginx where it is not packaged.
   pkgs=("${need[@]/#nginx/nginx-light}")
   if ! apt-get install -y -qq "${pkgs[@]}" >/dev/null; then
@@ -30,8 +30,8 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
-echo "==> cargo build --release -p ztunnel -p e2e"
+echo "==> cargo build --release -p ztunnel -p e2e" >&2
 cargo build --release -p ztunnel -p e2e
 
-echo "==> ztunnel-bench $*"
-exec target/release/ztunnel_bench "$@"
+echo "==> ztunnel-bench $*" >&2
+exec target/release/ztunnel-bench "$@"

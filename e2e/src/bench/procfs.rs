@@ -43,6 +43,37 @@ pub fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
     })
 }
 
+/// (busy, total) jiffies of all CPUs from /proc/stat text; iowait counts as idle.
+pub fn parse_cpu_jiffies(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // Fields: user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Percentage of all CPUs busy over `window`: other work on the machine skews every figure.
+pub fn machine_busy_percent(window: std::time::Duration) -> Result<f64> {
+    let read = || -> Result<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+        parse_cpu_jiffies(&text).context("parse /proc/stat")
+    };
+    let (b0, t0) = read()?;
+    std::thread::sleep(window);
+    let (b1, t1) = read()?;
+    let total = t1.saturating_sub(t0);
+    Ok(if total == 0 {
+        0.0
+    } else {
+        b1.saturating_sub(b0) as f64 * 100.0 / total as f64
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +91,13 @@ mod tests {
         assert_eq!(parse_status_kib(status, "VmRSS"), Some(9216));
         assert_eq!(parse_status_kib(status, "VmHWM"), Some(20480));
         assert_eq!(parse_status_kib(status, "VmSwap"), None);
+    }
+
+    #[test]
+    fn machine_cpu_counts_iowait_as_idle() {
+        let stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
+        assert_eq!(parse_cpu_jiffies(stat), Some((150, 1000)));
+        assert_eq!(parse_cpu_jiffies("intr 1 2"), None);
     }
 
     #[test]
