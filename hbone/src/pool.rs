@@ -15,12 +15,15 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use rustls_pki_types::ServerName;
+use tokio::io::BufWriter;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::identity::Identity;
-use crate::stream::{H2Stream, HboneError, clamp_frame_size, clamp_window, keepalive};
+use crate::stream::{
+    H2Stream, HboneError, TLS_WRITE_BUFFER, clamp_frame_size, clamp_window, keepalive,
+};
 
 /// What identifies a reusable HBONE connection.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -505,7 +508,7 @@ impl Driver {
             .initial_connection_window_size(clamp_window(cfg.conn_window))
             .max_frame_size(clamp_frame_size(cfg.max_frame_size))
             .enable_push(false)
-            .handshake(tls_stream)
+            .handshake(BufWriter::with_capacity(TLS_WRITE_BUFFER, tls_stream))
             .await?;
         Ok((send, connection))
     }
@@ -556,7 +559,8 @@ impl Driver {
     }
 }
 
-type ClientConnection = h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>;
+type ClientConnection =
+    h2::client::Connection<BufWriter<tokio_rustls::client::TlsStream<TcpStream>>, Bytes>;
 
 /// Completes once the stream count has stayed at zero for `timeout` (or the count is gone).
 async fn idle_for(mut streams: watch::Receiver<u32>, timeout: Duration) {

@@ -8,11 +8,13 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::stream::{H2Stream, HboneError, clamp_frame_size, clamp_window, keepalive};
+use crate::stream::{
+    H2Stream, HboneError, TLS_WRITE_BUFFER, clamp_frame_size, clamp_window, keepalive,
+};
 
 /// How long handler tasks may run on after their connection ended before being aborted.
 const HANDLER_GRACE: Duration = Duration::from_secs(1);
@@ -123,7 +125,7 @@ where
         .initial_connection_window_size(clamp_window(settings.conn_window))
         .max_frame_size(clamp_frame_size(settings.max_frame_size))
         .max_header_list_size(settings.max_header_list_size)
-        .handshake::<IO, Bytes>(io);
+        .handshake::<BufWriter<IO>, Bytes>(BufWriter::with_capacity(TLS_WRITE_BUFFER, io));
     let mut conn = tokio::time::timeout(settings.handshake_timeout, handshake)
         .await
         .map_err(|_| HboneError::HandshakeTimeout)??;

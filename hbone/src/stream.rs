@@ -15,6 +15,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Largest DATA payload handed to h2 per write; bounds memory buffered per stream.
 const MAX_WRITE_CHUNK: usize = 256 * 1024;
+/// HTTP/2 frames are gathered up to this size before they reach TLS, so a burst of small
+/// frames (HEADERS, WINDOW_UPDATE, END_STREAM) costs one TLS write and one syscall, not one each.
+pub(crate) const TLS_WRITE_BUFFER: usize = 64 * 1024;
 /// Size of each fresh read buffer in [`copy_bidirectional`].
 const COPY_BUF: usize = 256 * 1024;
 /// Below this much free space the copy buffer is re-reserved (reclaiming or reallocating).

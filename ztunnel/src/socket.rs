@@ -85,6 +85,10 @@ pub fn upstream_socket(
             } else {
                 s.set_freebind_v6(true)?;
             }
+            // Pick the source port at connect time (shared by distinct 4-tuples) instead of
+            // reserving one per bind: spoofed sources would otherwise exhaust ports quickly.
+            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+                .map_err(io::Error::from)?;
             s.bind(&SocketAddr::new(src, 0).into())?;
         }
         Ok(std::net::TcpStream::from(s))
