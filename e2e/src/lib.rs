@@ -6,6 +6,7 @@ pub mod apps;
 pub mod ca;
 pub mod mesh;
 pub mod netns;
+pub mod process;
 pub mod zds;
 pub mod ztunnel;
 
