@@ -37,7 +37,9 @@ pub struct LogControl {
 }
 
 /// Runs ztunnel until it is told to stop and has drained.
-pub async fn run(args: Args, logs: LogControl) -> anyhow::Result<()> {
+pub async fn run(mut args: Args, logs: LogControl) -> anyhow::Result<()> {
+    // LOCAL_XDS_PATH="" means unset, as in Istio's ztunnel.
+    args.local_config = args.local_config.filter(|p| !p.as_os_str().is_empty());
     let metrics = Arc::new(Metrics::new());
     let readiness = Readiness::new();
     let shutdown = CancellationToken::new();
