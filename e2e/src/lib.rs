@@ -4,6 +4,7 @@
 
 pub mod apps;
 pub mod ca;
+pub mod controller;
 pub mod mesh;
 pub mod netns;
 pub mod process;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::apps::{Client, EchoServer};
 use crate::ca::TestCa;
+use crate::controller::{Controller, ControllerDirs};
 use crate::netns::TestNet;
 use crate::zds::{ZdsPeer, ZdsServer};
 use crate::ztunnel::Ztunnel;
@@ -34,6 +35,9 @@ pub struct Options<'a> {
     /// Serve pod b with its own ztunnel in dedicated mode (inside b's netns) instead of the
     /// shared node ztunnel; implies the test CA.
     pub dedicated_server: bool,
+    /// Run this mesh-controller binary (files source) and let ztunnel get its config and
+    /// certificates from it over TLS instead of a local file and an in-process CA.
+    pub controller: Option<&'a Path>,
 }
 
 /// The mesh; everything is torn down on drop.
@@ -49,6 +53,8 @@ pub struct Mesh {
     pub ca: Option<TestCa>,
     /// The test CA's second listener (inside pod b), for the dedicated ztunnel.
     pub ca_b: Option<TestCa>,
+    /// The control plane, when asked for.
+    pub controller: Option<(Controller, ControllerDirs)>,
     pub zds: ZdsServer,
     pub peer: ZdsPeer,
     pub server: EchoServer,
@@ -94,6 +100,42 @@ fn config_yaml(net: &TestNet, layout: &Layout, policies: &str) -> String {
     )
 }
 
+/// Kubernetes objects for the same two pods: an ambient namespace, service accounts, and pods
+/// scheduled on `node1` with their IPs in status (as a kubelet would report them).
+pub fn k8s_yaml(net: &TestNet) -> String {
+    let pod = |name: &str, sa: &str, ip: &std::net::Ipv4Addr, app: &str| {
+        format!(
+            r#"---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: {sa}, namespace: default}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: default
+  uid: uid-{name}
+  labels: {{app: {app}}}
+spec:
+  serviceAccountName: {sa}
+  nodeName: node1
+  containers: [{{name: app, image: mesh-testapp}}]
+status:
+  phase: Running
+  podIP: "{ip}"
+  podIPs: [{{ip: "{ip}"}}]
+  conditions: [{{type: Ready, status: "True"}}]
+"#
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  labels: {{istio.io/dataplane-mode: ambient}}\n{}{}",
+        pod("a", "client", &net.a.ip, "client-app"),
+        pod("b", "server", &net.b.ip, "server-app"),
+    )
+}
+
 impl Mesh {
     /// Starts a mesh with the ztunnel binary `bin` for test number `id` (unique per test: it
     /// picks netns names and addresses).
@@ -134,6 +176,29 @@ impl Mesh {
         } else {
             None
         };
+        let mut controller = None;
+        let ctrl_env: Vec<(String, String)>;
+        if let Some(ctrl_bin) = opts.controller {
+            let dirs = ControllerDirs::create(&dir, &[("node1", "node1-token")]);
+            std::fs::write(dirs.config.join("pods.yaml"), k8s_yaml(&net)).unwrap();
+            let c = Controller::start(ctrl_bin, &net.zt, &dir, &dirs);
+            std::fs::write(&token, "node1-token").unwrap();
+            let root = dirs.root_cert().to_string_lossy().into_owned();
+            ctrl_env = vec![
+                ("XDS_ADDRESS".into(), "https://127.0.0.1:15012".into()),
+                ("CA_ADDRESS".into(), "https://127.0.0.1:15012".into()),
+                ("XDS_ROOT_CA".into(), root.clone()),
+                ("CA_ROOT_CA".into(), root),
+                ("AUTH_TOKEN".into(), token_path.clone()),
+                ("NODE_NAME".into(), "node1".into()),
+                ("LOCAL_XDS_PATH".into(), String::new()),
+                ("FAKE_CA".into(), "false".into()),
+            ];
+            controller = Some((c, dirs));
+        } else {
+            ctrl_env = Vec::new();
+        }
+        env.extend(ctrl_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let mut zt = Ztunnel::start(bin, &net.zt, &dir, &config, &uds, &env);
         let peer = zds.accept();
         let mut pods = vec![("uid-a", &net.a, "a", "client")];
@@ -167,6 +232,7 @@ impl Mesh {
             zt_b,
             ca,
             ca_b,
+            controller,
             zds,
             peer,
             server,
@@ -201,6 +267,17 @@ impl Mesh {
         let tmp = self.dir.join("config.yaml.tmp");
         std::fs::write(&tmp, contents).unwrap();
         std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    /// Writes (or replaces) a Kubernetes YAML file the controller watches.
+    pub fn write_k8s(&self, file: &str, yaml: &str) {
+        let (_, dirs) = self
+            .controller
+            .as_ref()
+            .expect("mesh started with a controller");
+        let tmp = dirs.config.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, dirs.config.join(file)).unwrap();
     }
 
     /// Replaces the policies in the config file.
