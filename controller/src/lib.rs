@@ -1,9 +1,11 @@
 //! The mesh control plane: turns Kubernetes and Istio configuration into the workload xDS
 //! resources every ztunnel needs, and issues workload certificates.
 
+pub mod app;
 pub mod ca;
 pub mod config;
 pub mod crd;
 pub mod model;
+pub mod monitoring;
 pub mod source;
 pub mod xds;

@@ -200,7 +200,9 @@ impl Mesh {
         }
         env.extend(ctrl_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let mut zt = Ztunnel::start(bin, &net.zt, &dir, &config, &uds, &env);
-        let peer = zds.accept();
+        let peer = zds
+            .try_accept()
+            .unwrap_or_else(|e| panic!("{e}\nztunnel log:\n{}", zt.log()));
         let mut pods = vec![("uid-a", &net.a, "a", "client")];
         if !opts.dedicated_server {
             pods.push(("uid-b", &net.b, "b", "server"));

@@ -44,6 +44,11 @@ impl ZdsServer {
 
     /// Accepts a ztunnel and reads its hello (waits up to 30 s).
     pub fn accept(&self) -> ZdsPeer {
+        self.try_accept().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Self::accept`], but reports a timeout instead of panicking.
+    pub fn try_accept(&self) -> Result<ZdsPeer, String> {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let mut pfd = [nix::poll::PollFd::new(
             std::os::fd::AsFd::as_fd(&self.listener),
@@ -53,14 +58,16 @@ impl ZdsServer {
         while !ready && std::time::Instant::now() < deadline {
             ready = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(500u16)).unwrap() > 0;
         }
-        assert!(ready, "ztunnel did not connect to ZDS within 30s");
+        if !ready {
+            return Err("ztunnel did not connect to ZDS within 30s".into());
+        }
         let raw = accept(self.listener.as_raw_fd()).expect("ztunnel connects to ZDS");
         // SAFETY: accept returned a new fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let peer = ZdsPeer { fd };
         let hello = ZdsHello::decode(peer.recv_packet().as_slice()).expect("hello");
         assert_eq!(hello.version, 1, "ZDS V1 hello");
-        peer
+        Ok(peer)
     }
 }
 

@@ -225,7 +225,17 @@ impl DeltaClient {
                 // Envoy sends the node only on the first request of a stream.
                 node: (i == 0).then(|| self.config.node.clone()),
                 type_url: type_url.clone(),
-                resource_names_subscribe: st.names.iter().cloned().collect(),
+                // A wildcard type that also has on-demand names must say "*" explicitly, or
+                // the server would treat the stream as names-only.
+                resource_names_subscribe: if st.names.is_empty() {
+                    Vec::new()
+                } else if self.config.wildcard_types.contains(type_url) {
+                    std::iter::once("*".to_string())
+                        .chain(st.names.iter().cloned())
+                        .collect()
+                } else {
+                    st.names.iter().cloned().collect()
+                },
                 initial_resource_versions: st.versions.clone(),
                 ..Default::default()
             })

@@ -115,7 +115,7 @@ pub struct Args {
     pub proxy_workload_info: Option<String>,
 
     /// Standalone config file (Istio ztunnel's LOCAL_XDS_PATH YAML format); reloaded on change.
-    #[arg(long = "local-config", env = "LOCAL_XDS_PATH")]
+    #[arg(long = "local-config", env = "LOCAL_XDS_PATH", value_parser = parse_path)]
     pub local_config: Option<PathBuf>,
 
     /// Development only: sign workload certificates with an in-process self-signed CA.
@@ -157,6 +157,11 @@ pub struct Args {
     /// Worker threads for the proxy runtime.
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
+}
+
+/// Accepts any path, including an empty one (Istio scripts set `LOCAL_XDS_PATH=""` to unset it).
+fn parse_path(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
 }
 
 /// Parses durations like `500ms`, `90s`, `5m`, `24h` (a bare number means seconds).
@@ -208,5 +213,7 @@ mod tests {
         assert!(args.fake_ca);
         assert_eq!(args.proxy_mode, ProxyMode::Dedicated);
         assert!(args.xds_address.is_empty());
+        let args = Args::try_parse_from(["ztunnel", "--local-config", ""]).unwrap();
+        assert_eq!(args.local_config, Some(PathBuf::new()));
     }
 }

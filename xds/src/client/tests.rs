@@ -228,7 +228,7 @@ async fn on_demand_subscription_is_sent_once_and_kept_across_reconnects() {
     drop(conn);
     let mut conn = accept(&mut conns).await;
     let resumed = next(&mut conn).await;
-    assert_eq!(resumed.resource_names_subscribe, vec!["net/10.0.0.9"]);
+    assert_eq!(resumed.resource_names_subscribe, vec!["*", "net/10.0.0.9"]);
 
     shutdown.cancel();
     task.await.unwrap();
