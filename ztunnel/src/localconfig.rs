@@ -329,6 +329,7 @@ impl LocalWorkload {
             status: self.status,
             cluster_id,
             locality: self.locality,
+            host_network: false,
         };
         validate_identity(&workload).map_err(|e| invalid(location, e))?;
         Ok(workload)

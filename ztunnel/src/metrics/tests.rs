@@ -1,4 +1,3 @@
-
 use super::*;
 
 const DEST: &[(&str, &str)] = &[("reporter", "destination")];

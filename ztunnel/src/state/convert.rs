@@ -271,6 +271,7 @@ impl TryFrom<pb::Workload> for Workload {
             status,
             cluster_id: or_default(w.cluster_id, DEFAULT_CLUSTER_ID),
             locality,
+            host_network: w.network_mode == pb::NetworkMode::HostNetwork as i32,
         };
         validate_identity(&workload)?;
         Ok(workload)

@@ -55,8 +55,11 @@ impl ProxyState {
     pub fn upsert_workload(&mut self, workload: Workload) {
         self.remove_workload(&workload.uid);
         let uid = workload.uid.clone();
-        for addr in workload.network_addresses() {
-            index_add(&mut self.workloads_by_addr, addr, uid.clone());
+        // Several host-network pods share the node IP; none of them owns it.
+        if !workload.host_network {
+            for addr in workload.network_addresses() {
+                index_add(&mut self.workloads_by_addr, addr, uid.clone());
+            }
         }
         let name = (workload.namespace.clone(), workload.name.clone());
         index_add(&mut self.workloads_by_name, name, uid.clone());

@@ -326,3 +326,16 @@ fn workloads_are_found_by_namespace_and_name_until_removed() {
     s.remove_workload(&w.uid);
     assert!(s.workload_by_name("default", "a").is_none());
 }
+
+#[test]
+fn host_network_workloads_are_not_found_by_the_shared_node_ip() {
+    let mut s = ProxyState::new();
+    let mut a = workload("a", "10.0.0.9", vec![]);
+    a.host_network = true;
+    let mut b = workload("b", "10.0.0.9", vec![]);
+    b.host_network = true;
+    s.upsert_workload(a);
+    s.upsert_workload(b);
+    assert!(s.workload_by_ip(&"/10.0.0.9".parse().unwrap()).is_none());
+    assert!(s.workload_by_name("default", "a").is_some());
+}

@@ -93,6 +93,8 @@ pub struct Workload {
     pub cluster_id: String,
     /// Topology location.
     pub locality: Locality,
+    /// Host-network pods share the node's IP: they are never looked up by address.
+    pub host_network: bool,
 }
 
 impl Default for Workload {
@@ -119,6 +121,7 @@ impl Default for Workload {
             status: HealthStatus::Healthy,
             cluster_id: DEFAULT_CLUSTER_ID.to_string(),
             locality: Locality::default(),
+            host_network: false,
         }
     }
 }
