@@ -15,11 +15,12 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::ca::kube::{KubeRootStore, ROOT_CONFIGMAP, TokenReviewAuthenticator, TokenReviewConfig};
 use crate::ca::{
     Authenticator, CaConfig, CaService, CertificateAuthority, FileRootStore, NodeAuthorizer,
     NodeTokens, ServingConfig,
 };
-use crate::config::ConfigEvent;
+use crate::config::{ConfigEvent, Object};
 use crate::model::{EndpointMode, Model, ModelConfig, ModelDelta};
 use crate::monitoring;
 use crate::source::files::FileSource;
@@ -54,7 +55,12 @@ pub struct Args {
     #[arg(long, env = "CA_DIR", default_value = "./var/lib/mesh/ca")]
     pub ca_dir: PathBuf,
 
-    /// YAML file `{nodes: {<node>: <token>}}`: bearer tokens of node proxies (files source).
+    /// Namespace of the controller (kube mode: CA Secret `istio-ca-secret` / `cacerts` live here).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub ca_namespace: String,
+
+    /// YAML file `{nodes: {<node>: <token>}}`: bearer tokens of node proxies. Required with the
+    /// files source; in kube mode callers are authenticated with TokenReview unless this is set.
     #[arg(long, env = "NODE_TOKENS")]
     pub node_tokens: Option<PathBuf>,
 
@@ -159,38 +165,68 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let ready = monitoring::Readiness::default();
 
+    let kube_client = match args.config_source {
+        SourceKind::Kube => Some(
+            kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?,
+        ),
+        SourceKind::Files => None,
+    };
     // CA: load or create the root, publish it, and issue our own serving certificate.
-    let ca_store = FileRootStore::new(&args.ca_dir);
-    let authority = Arc::new(
-        CertificateAuthority::load_or_create(
-            &ca_store,
-            CaConfig {
-                trust_domain: args.trust_domain.clone(),
-                max_ttl: args.max_cert_ttl,
-                ..CaConfig::default()
-            },
-        )
-        .await
-        .with_context(|| format!("certificate authority in {}", args.ca_dir.display()))?,
-    );
+    let ca_config = CaConfig {
+        trust_domain: args.trust_domain.clone(),
+        max_ttl: args.max_cert_ttl,
+        ..CaConfig::default()
+    };
+    let (authority, roots_at, kube_store) = match &kube_client {
+        Some(client) => {
+            let store = KubeRootStore::new(client.clone(), args.ca_namespace.clone());
+            let authority = store
+                .load_or_create_authority(ca_config)
+                .await
+                .with_context(|| {
+                    format!("certificate authority in namespace {}", args.ca_namespace)
+                })?;
+            (
+                authority,
+                format!("ConfigMap {ROOT_CONFIGMAP} in every namespace"),
+                Some(store),
+            )
+        }
+        None => {
+            let store = FileRootStore::new(&args.ca_dir);
+            let authority = CertificateAuthority::load_or_create(&store, ca_config)
+                .await
+                .with_context(|| format!("certificate authority in {}", args.ca_dir.display()))?;
+            (
+                authority,
+                store.published_roots().display().to_string(),
+                None,
+            )
+        }
+    };
+    let authority = Arc::new(authority);
     let serving = authority
         .issue_serving_cert(&ServingConfig {
             ips: args.serving_ips.clone(),
             ..ServingConfig::default()
         })
         .context("issuing the controller's serving certificate")?;
-    let auth: Arc<dyn Authenticator> = match &args.node_tokens {
-        Some(path) => Arc::new(
+    let auth: Arc<dyn Authenticator> = match (&args.node_tokens, &kube_client) {
+        (Some(path), _) => Arc::new(
             NodeTokens::load(path)
                 .await
                 .with_context(|| format!("node tokens {}", path.display()))?,
         ),
-        None if args.config_source == SourceKind::Files => {
-            bail!("the files source needs --node-tokens to authenticate node proxies")
-        }
-        None => bail!(
-            "kube mode authentication (TokenReview) is not implemented yet; use --node-tokens"
-        ),
+        (None, Some(client)) => Arc::new(TokenReviewAuthenticator::new(
+            client.clone(),
+            TokenReviewConfig {
+                trust_domain: args.trust_domain.clone(),
+                ..TokenReviewConfig::default()
+            },
+        )),
+        (None, None) => bail!("the files source needs --node-tokens to authenticate node proxies"),
     };
 
     // Model, shared read-only with the CA for impersonation checks.
@@ -243,9 +279,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tasks.spawn(source.run(shutdown.clone()));
         }
         SourceKind::Kube => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API")?;
+            let client = kube_client.clone().context("kube client")?;
             let errors = metrics.config_errors.clone();
             let source = KubeSource::new(
                 client,
@@ -264,12 +298,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         xds.clone(),
         metrics.clone(),
         synced,
+        kube_store,
     ));
 
     let plain = bind(args.xds_addr, "xDS").await?;
     let secure = bind(args.secure_addr, "xDS/CA (TLS)").await?;
     let mon = bind(args.monitoring_addr, "monitoring").await?;
-    tracing::info!(xds = %args.xds_addr, secure = %args.secure_addr, monitoring = %args.monitoring_addr, root = %ca_store.published_roots().display(), "serving");
+    tracing::info!(xds = %args.xds_addr, secure = %args.secure_addr, monitoring = %args.monitoring_addr, roots = %roots_at, "serving");
     let servers = tokio_util::task::TaskTracker::new();
     let s = shutdown.clone();
     let x = xds.clone();
@@ -328,9 +363,13 @@ async fn apply_loop(
     xds: XdsServer,
     metrics: Arc<ControllerMetrics>,
     mut synced: Option<monitoring::ReadyGuard>,
+    roots: Option<KubeRootStore>,
 ) {
     while let Some(batch) = rx.recv().await {
         let is_synced = batch.iter().any(|e| matches!(e, ConfigEvent::Synced));
+        if let Some(store) = &roots {
+            publish_roots_to_new_namespaces(store, &batch);
+        }
         let started = Instant::now();
         let delta = match model.write() {
             Ok(mut m) => m.apply(batch),
@@ -347,6 +386,23 @@ async fn apply_loop(
         if is_synced && let Some(g) = synced.take() {
             tracing::info!(elapsed = ?started.elapsed(), "initial configuration loaded");
             drop(g);
+        }
+    }
+}
+
+/// Publishes the root ConfigMap into namespaces that appear (kube mode); a no-op where present.
+fn publish_roots_to_new_namespaces(store: &KubeRootStore, batch: &[ConfigEvent]) {
+    for event in batch {
+        if let ConfigEvent::Apply(obj) = event
+            && let Object::Namespace(ns) = obj.as_ref()
+            && let Some(name) = ns.metadata.name.clone()
+        {
+            let store = store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.publish_to_namespace(&name).await {
+                    tracing::warn!(namespace = %name, error = %e, "publishing the root certificate failed");
+                }
+            });
         }
     }
 }

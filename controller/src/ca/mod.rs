@@ -43,5 +43,6 @@ pub enum CaError {
     Store(String),
 }
 
+pub mod kube;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,12 @@
 //! An in-process stand-in for the Kubernetes API server with list/watch semantics: resource
 //! versions, watch from a version, 410 Gone for versions compacted away, and the ability to cut
-//! every watch (to test reconnects). There is no real API server on these machines.
+//! every watch (to test reconnects). Single objects can be read, created (409 when they exist),
+//! replaced (409 on a stale resourceVersion) and deleted; TokenReviews are answered from tokens
+//! registered with `add_token`, and failures can be injected per method and path. There is no
+//! real API server on these machines.
+
+// Each test binary uses a different part of the stand-in.
+#![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -35,6 +41,67 @@ struct State {
     collections: HashMap<String, Collection>,
     /// Versions at or below this were compacted: watching from them gets 410 Gone.
     compacted: u64,
+    /// token -> (audiences it is valid for, `status.user` of its review).
+    tokens: HashMap<String, (Vec<String>, Value)>,
+    /// The `spec` of every TokenReview received.
+    token_reviews: Vec<Value>,
+    /// (method, path) of every request received.
+    requests: Vec<(String, String)>,
+    /// (method, path) -> HTTP status answered instead of serving, and how many more times
+    /// (`None`: until cleared).
+    failures: HashMap<(String, String), (u16, Option<usize>)>,
+}
+
+/// What a request path addresses.
+enum Target {
+    /// A collection (`path` as `collection_path` builds it), optionally one namespace of it.
+    Collection { path: String, ns: Option<String> },
+    /// One object of a collection, by `ns/name` (`/name` when cluster-scoped).
+    Object { path: String, key: String },
+}
+
+/// Splits `/api/v1/namespaces/ns/pods/name` and friends into collection and object.
+fn route(path: &str) -> Option<Target> {
+    let (prefix, rest) = if let Some(r) = path.strip_prefix("/api/") {
+        let (version, rest) = r.split_once('/').unwrap_or((r, ""));
+        (format!("/api/{version}"), rest)
+    } else {
+        let r = path.strip_prefix("/apis/")?;
+        let mut parts = r.splitn(3, '/');
+        let (group, version) = (parts.next()?, parts.next()?);
+        (
+            format!("/apis/{group}/{version}"),
+            parts.next().unwrap_or(""),
+        )
+    };
+    let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    Some(match segs.as_slice() {
+        [plural] => Target::Collection {
+            path: format!("{prefix}/{plural}"),
+            ns: None,
+        },
+        [plural, name] => Target::Object {
+            path: format!("{prefix}/{plural}"),
+            key: format!("/{name}"),
+        },
+        ["namespaces", ns, plural] => Target::Collection {
+            path: format!("{prefix}/{plural}"),
+            ns: Some(ns.to_string()),
+        },
+        ["namespaces", ns, plural, name] => Target::Object {
+            path: format!("{prefix}/{plural}"),
+            key: format!("{ns}/{name}"),
+        },
+        _ => return None,
+    })
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    json_response(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code.as_u16()}),
+    )
 }
 
 /// The stand-in API server.
@@ -68,6 +135,10 @@ impl ApiServer {
                 rv: 1,
                 collections: HashMap::new(),
                 compacted: 0,
+                tokens: HashMap::new(),
+                token_reviews: Vec::new(),
+                requests: Vec::new(),
+                failures: HashMap::new(),
             })),
             events,
             cut: Arc::new(Mutex::new(CancellationToken::new())),
@@ -85,7 +156,7 @@ impl ApiServer {
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let s3 = s2.clone();
-                        async move { Ok::<_, Infallible>(s3.handle(req)) }
+                        async move { Ok::<_, Infallible>(s3.handle(req).await) }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -113,6 +184,11 @@ impl ApiServer {
         let name = object["metadata"]["name"].as_str().unwrap().to_string();
         let key = format!("{ns}/{name}");
         let mut st = self.state.lock().unwrap();
+        self.store(&mut st, path, key, &mut object)
+    }
+
+    /// Stores `object` under `key`, stamping a new resourceVersion, and tells watchers.
+    fn store(&self, st: &mut State, path: String, key: String, object: &mut Value) -> u64 {
         st.rv += 1;
         let rv = st.rv;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -124,8 +200,59 @@ impl ApiServer {
         };
         col.objects.insert(key, object.clone());
         col.history.push((rv, kind, object.clone()));
-        let _ = self.events.send((path, rv, kind, object));
+        let _ = self.events.send((path, rv, kind, object.clone()));
         rv
+    }
+
+    /// The stored object, if any (`ns` empty for cluster-scoped kinds).
+    pub fn get(&self, api_version: &str, plural: &str, ns: &str, name: &str) -> Option<Value> {
+        let path = collection_path(api_version, plural);
+        let st = self.state.lock().unwrap();
+        st.collections
+            .get(&path)
+            .and_then(|c| c.objects.get(&format!("{ns}/{name}")))
+            .cloned()
+    }
+
+    /// Makes `token` pass TokenReviews asking for one of `audiences`, with `user` as
+    /// `status.user` (`{"username": ..., "extra": {...}}`).
+    pub fn add_token(&self, token: &str, audiences: &[&str], user: Value) {
+        let audiences = audiences.iter().map(|a| a.to_string()).collect();
+        let mut st = self.state.lock().unwrap();
+        st.tokens.insert(token.to_string(), (audiences, user));
+    }
+
+    /// The `spec` of every TokenReview received so far.
+    pub fn token_reviews(&self) -> Vec<Value> {
+        self.state.lock().unwrap().token_reviews.clone()
+    }
+
+    /// How many `method` requests for exactly `path` arrived.
+    pub fn request_count(&self, method: &str, path: &str) -> usize {
+        let st = self.state.lock().unwrap();
+        st.requests
+            .iter()
+            .filter(|(m, p)| m == method && p == path)
+            .count()
+    }
+
+    /// Answers `method` requests for exactly `path` with HTTP `code` until cleared.
+    pub fn fail(&self, method: &str, path: &str, code: u16) {
+        let mut st = self.state.lock().unwrap();
+        st.failures
+            .insert((method.to_string(), path.to_string()), (code, None));
+    }
+
+    /// Answers the next `method` request for exactly `path` with HTTP `code`, then serves again.
+    pub fn fail_once(&self, method: &str, path: &str, code: u16) {
+        let mut st = self.state.lock().unwrap();
+        st.failures
+            .insert((method.to_string(), path.to_string()), (code, Some(1)));
+    }
+
+    /// Serves every request normally again.
+    pub fn clear_failures(&self) {
+        self.state.lock().unwrap().failures.clear();
     }
 
     /// Deletes an object.
@@ -165,7 +292,8 @@ impl ApiServer {
         *cut = CancellationToken::new();
     }
 
-    fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let method = req.method().as_str().to_string();
         let path = req.uri().path().to_string();
         let query: HashMap<String, String> = req
             .uri()
@@ -175,19 +303,152 @@ impl ApiServer {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
-        if watch {
-            let from: u64 = query
-                .get("resourceVersion")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            return self.watch(path, from);
+        {
+            let mut st = self.state.lock().unwrap();
+            st.requests.push((method.clone(), path.clone()));
+            let k = (method.clone(), path.clone());
+            if let Some((code, left)) = st.failures.get_mut(&k) {
+                let code = *code;
+                if let Some(n) = left {
+                    *n -= 1;
+                    if *n == 0 {
+                        st.failures.remove(&k);
+                    }
+                }
+                let reason = match code {
+                    403 => "Forbidden",
+                    404 => "NotFound",
+                    409 => "Conflict",
+                    _ => "InternalError",
+                };
+                let code = StatusCode::from_u16(code).unwrap();
+                return status(code, reason, "injected failure");
+            }
         }
+        let Some(target) = route(&path) else {
+            return status(StatusCode::NOT_FOUND, "NotFound", "no such path");
+        };
+        let body: Option<Value> = if method == "POST" || method == "PUT" {
+            let Ok(bytes) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
+            };
+            match serde_json::from_slice(&bytes) {
+                Ok(v) => Some(v),
+                Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+            }
+        } else {
+            None
+        };
+        match (method.as_str(), target, body) {
+            ("GET", Target::Collection { path, ns }, _) => {
+                let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+                if watch {
+                    let from: u64 = query
+                        .get("resourceVersion")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    return self.watch(path, ns, from);
+                }
+                self.list(&path, ns.as_deref())
+            }
+            ("GET", Target::Object { path, key }, _) => {
+                let st = self.state.lock().unwrap();
+                match st.collections.get(&path).and_then(|c| c.objects.get(&key)) {
+                    Some(o) => json_response(StatusCode::OK, o),
+                    None => status(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        &format!("{key} not found"),
+                    ),
+                }
+            }
+            ("POST", Target::Collection { path, .. }, Some(body))
+                if path.ends_with("/tokenreviews") =>
+            {
+                self.token_review(body)
+            }
+            ("POST", Target::Collection { path, ns }, Some(mut body)) => {
+                let Some(name) = body["metadata"]["name"].as_str().map(str::to_string) else {
+                    return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "name required");
+                };
+                if let Some(ns) = &ns {
+                    body["metadata"]["namespace"] = json!(ns);
+                }
+                let key = format!("{}/{name}", ns.unwrap_or_default());
+                let mut st = self.state.lock().unwrap();
+                if st
+                    .collections
+                    .get(&path)
+                    .is_some_and(|c| c.objects.contains_key(&key))
+                {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "AlreadyExists",
+                        &format!("{key} already exists"),
+                    );
+                }
+                self.store(&mut st, path, key, &mut body);
+                json_response(StatusCode::CREATED, &body)
+            }
+            ("PUT", Target::Object { path, key }, Some(mut body)) => {
+                let mut st = self.state.lock().unwrap();
+                let Some(current) = st.collections.get(&path).and_then(|c| c.objects.get(&key))
+                else {
+                    return status(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        &format!("{key} not found"),
+                    );
+                };
+                let sent = body["metadata"]["resourceVersion"].as_str().unwrap_or("");
+                if !sent.is_empty() && Some(sent) != current["metadata"]["resourceVersion"].as_str()
+                {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "Conflict",
+                        "the object has been modified",
+                    );
+                }
+                self.store(&mut st, path, key, &mut body);
+                json_response(StatusCode::OK, &body)
+            }
+            ("DELETE", Target::Object { path, key }, _) => {
+                let mut st = self.state.lock().unwrap();
+                st.rv += 1;
+                let rv = st.rv;
+                let col = st.collections.entry(path.clone()).or_default();
+                let Some(mut obj) = col.objects.remove(&key) else {
+                    return status(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        &format!("{key} not found"),
+                    );
+                };
+                obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+                col.history.push((rv, "DELETED", obj.clone()));
+                let _ = self.events.send((path, rv, "DELETED", obj.clone()));
+                json_response(StatusCode::OK, &obj)
+            }
+            _ => status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "not supported",
+            ),
+        }
+    }
+
+    fn list(&self, path: &str, ns: Option<&str>) -> Response<Body> {
         let st = self.state.lock().unwrap();
         let items: Vec<Value> = st
             .collections
-            .get(&path)
-            .map(|c| c.objects.values().cloned().collect())
+            .get(path)
+            .map(|c| {
+                c.objects
+                    .values()
+                    .filter(|o| ns.is_none() || o["metadata"]["namespace"].as_str() == ns)
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
         let list = json!({
             "apiVersion": "v1",
@@ -198,7 +459,44 @@ impl ApiServer {
         json_response(StatusCode::OK, &list)
     }
 
-    fn watch(&self, path: String, from: u64) -> Response<Body> {
+    /// Answers a TokenReview from the registered tokens, as the API server would.
+    fn token_review(&self, mut review: Value) -> Response<Body> {
+        let spec = review["spec"].clone();
+        let mut st = self.state.lock().unwrap();
+        st.token_reviews.push(spec.clone());
+        let token = spec["token"].as_str().unwrap_or("");
+        let wanted: Vec<String> = spec["audiences"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        review["status"] = match st.tokens.get(token) {
+            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            Some((auds, user)) => {
+                let matched: Vec<&String> = if wanted.is_empty() {
+                    auds.iter().collect()
+                } else {
+                    wanted.iter().filter(|w| auds.contains(w)).collect()
+                };
+                if matched.is_empty() {
+                    json!({"authenticated": false,
+                        "error": "token audiences are invalid for the target audiences"})
+                } else {
+                    json!({"authenticated": true, "user": user, "audiences": matched})
+                }
+            }
+        };
+        json_response(StatusCode::CREATED, &review)
+    }
+
+    fn watch(&self, path: String, ns: Option<String>, from: u64) -> Response<Body> {
+        let in_ns = move |o: &Value| {
+            ns.as_deref()
+                .is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
+        };
         let (backlog, compacted) = {
             let st = self.state.lock().unwrap();
             let backlog: Vec<(u64, &'static str, Value)> = st
@@ -207,7 +505,7 @@ impl ApiServer {
                 .map(|c| {
                     c.history
                         .iter()
-                        .filter(|(rv, _, _)| *rv > from)
+                        .filter(|(rv, _, o)| *rv > from && in_ns(o))
                         .cloned()
                         .collect()
                 })
@@ -235,13 +533,11 @@ impl ApiServer {
         );
         let live = tokio_stream::wrappers::BroadcastStream::new(rx)
             .filter_map(move |ev| {
-                let path = path.clone();
-                async move {
-                    match ev {
-                        Ok((p, rv, t, o)) if p == path && rv > from => Some(line(t, &o)),
-                        _ => None,
-                    }
-                }
+                let out = match ev {
+                    Ok((p, rv, t, o)) if p == path && rv > from && in_ns(&o) => Some(line(t, &o)),
+                    _ => None,
+                };
+                async move { out }
             })
             .take_until(async move { cut.cancelled().await });
         stream_response(BodyExt::boxed(StreamBody::new(first.chain(live))))

@@ -1,4 +1,3 @@
-
 use std::net::SocketAddr;
 
 use tonic::transport::server::TcpIncoming;
