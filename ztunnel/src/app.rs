@@ -59,17 +59,22 @@ pub async fn run(mut args: Args, logs: LogControl) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
+    // In-pod proxies start only once the state is complete: before that, destinations would be
+    // unknown and traffic meant for HBONE would pass through in plaintext.
+    let (synced_tx, synced) = tokio::sync::oneshot::channel();
     if args.xds_address.is_empty() {
         if args.local_config.is_none() {
             bail!("no configuration source: set XDS_ADDRESS or LOCAL_XDS_PATH");
         }
         state_ready.ready();
+        let _ = synced_tx.send(());
     } else {
         start_xds(
             &args,
             state.clone(),
             metrics.clone(),
             &readiness,
+            synced_tx,
             shutdown.clone(),
         )?;
         drop(state_ready);
@@ -153,13 +158,28 @@ pub async fn run(mut args: Args, logs: LogControl) -> anyhow::Result<()> {
                 )?;
             let proxy = Proxy::bind(shared, info, Netns::current())
                 .context("binding proxy listeners (15001, 15006, 15008)")?;
-            proxies.spawn(proxy.run(drain.clone()));
+            let d = drain.clone();
+            proxies.spawn(async move {
+                // Listeners are bound (connections queue) but served only with complete state.
+                tokio::select! {
+                    _ = synced => {}
+                    _ = d.cancelled() => return,
+                }
+                proxy.run(d).await
+            });
         }
         ProxyMode::Shared => {
             let host = Netns::open_host().context("opening own network namespace")?;
             let manager = InpodManager::new(shared, args.inpod_uds.clone(), host);
             let zds_ready = readiness.register("zds snapshot");
-            proxies.spawn(manager.run(drain.clone(), Some(zds_ready)));
+            let d = drain.clone();
+            proxies.spawn(async move {
+                tokio::select! {
+                    _ = synced => {}
+                    _ = d.cancelled() => return,
+                }
+                manager.run(d, Some(zds_ready)).await
+            });
         }
     }
     proxies.close();
@@ -251,6 +271,7 @@ fn start_xds(
     state: StateStore,
     metrics: Arc<Metrics>,
     readiness: &Readiness,
+    synced: tokio::sync::oneshot::Sender<()>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let root_ca_pem = read_root(&args.xds_address, &args.xds_root_ca)?;
@@ -297,7 +318,8 @@ fn start_xds(
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(15),
     });
-    tokio::spawn(client.run(StateHandler::new(state, metrics, ready), shutdown));
+    let handler = StateHandler::new(state, metrics, ready).notify_synced(synced);
+    tokio::spawn(client.run(handler, shutdown));
     Ok(())
 }
 

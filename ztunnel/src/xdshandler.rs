@@ -19,6 +19,8 @@ pub struct StateHandler {
     metrics: Arc<Metrics>,
     /// Released after the first response of each type: ztunnel is ready once it has config.
     pending: Vec<(String, ReadyGuard)>,
+    /// Fired once every type has been received (in-pod proxies start only then).
+    on_synced: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl StateHandler {
@@ -28,7 +30,14 @@ impl StateHandler {
             state,
             metrics,
             pending: ready,
+            on_synced: None,
         }
+    }
+
+    /// Signals `tx` once the first response of every type has been applied.
+    pub fn notify_synced(mut self, tx: tokio::sync::oneshot::Sender<()>) -> Self {
+        self.on_synced = Some(tx);
+        self
     }
 }
 
@@ -99,6 +108,11 @@ impl Handler for StateHandler {
             self.metrics.config_error("xds");
         }
         self.pending.retain(|(t, _)| t != type_url);
+        if self.pending.is_empty()
+            && let Some(tx) = self.on_synced.take()
+        {
+            let _ = tx.send(());
+        }
         rejected
     }
 

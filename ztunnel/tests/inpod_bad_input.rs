@@ -211,6 +211,11 @@ fn malformed_hbone_requests_get_error_statuses_and_are_counted() {
             .unwrap();
         assert_eq!(status_of(&mut send, get).await, Some(400), "non-CONNECT");
 
+        // A tunnel to ztunnel's own ports would loop.
+        let own = SocketAddr::from((mesh.net.b.ip, 15001));
+        let req = connect_request(own).body(()).unwrap();
+        assert_eq!(status_of(&mut send, req).await, Some(400), "proxy port");
+
         let elsewhere = SocketAddr::from(([10, 77, 8, 99], 8080));
         let req = connect_request(elsewhere).body(()).unwrap();
         assert_eq!(
@@ -275,5 +280,29 @@ fn malformed_local_config_is_rejected_and_the_previous_state_keeps_working() {
         mesh.zt.log()
     );
     assert_eq!(live.echo(b"alive").unwrap(), b"alive");
+    mesh.check_echo();
+}
+
+#[test]
+fn connections_to_ztunnels_own_ports_are_refused_not_looped() {
+    if !e2e::require_root() {
+        return;
+    }
+    let mesh = mesh::start(18, Options::default());
+    for dst in [
+        SocketAddr::from(([127, 0, 0, 1], 15001)),
+        SocketAddr::from((mesh.net.a.ip, 15001)),
+        SocketAddr::from((mesh.net.a.ip, 15006)),
+    ] {
+        // The listener accepts, then closes at once instead of proxying to itself.
+        if let Ok(mut c) = e2e::apps::Client::connect(&mesh.net.a.ns, dst) {
+            let t = std::time::Instant::now();
+            let mut buf = [0u8; 8];
+            let n = c.stream.read(&mut buf).unwrap_or(0);
+            assert_eq!(n, 0, "{dst} answered");
+            assert!(t.elapsed() < Duration::from_secs(2), "{dst} hung");
+        }
+    }
+    // ztunnel is still fine.
     mesh.check_echo();
 }

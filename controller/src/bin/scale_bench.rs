@@ -90,6 +90,9 @@ struct Args {
     /// Apply the initial state in batches of this many events (0: one batch).
     #[arg(long, default_value_t = 0)]
     batch_size: usize,
+    /// Spread the client connects over this long (0: all at once, as after a restart).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    connect_spread: Duration,
     /// Longest wait for every client to hold the full state.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     sync_timeout: Duration,
@@ -239,6 +242,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.pods, args.services, args.policies, args.namespaces, args.nodes, args.membership
     );
     println!(
+        "  xDS: plaintext on 127.0.0.1, {} wildcard clients; debounce {} (max_debounce {}, XdsConfig default)",
+        args.clients,
+        args.debounce
+            .iter()
+            .map(|d| ms(*d))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        ms(XdsConfig::default().max_debounce)
+    );
+    println!(
         "  machine: {cores} cores, load average {} at start",
         stats::loadavg()
     );
@@ -256,47 +269,53 @@ fn run(args: Args) -> anyhow::Result<()> {
     let b = build(&args, &spec, &mut model, &xds);
     let total = b.apply + b.push;
     println!();
-    println!("1. Full state from an empty model");
     println!(
-        "  generating {} events (not counted):      {}",
-        b.events,
-        ms(b.generate)
-    );
-    println!(
-        "  Model::apply{}:                          {}",
+        "1. Full state from an empty model ({})",
         if args.batch_size == 0 {
-            String::new()
+            "one batch".to_string()
         } else {
-            format!(" ({}-event batches)", args.batch_size)
-        },
-        ms(b.apply)
+            format!("batches of {} events", args.batch_size)
+        }
     );
-    println!(
-        "  push into XdsServer:                        {}",
-        ms(b.push)
+    row(
+        "events generated (not timed)",
+        format!("{} in {}", b.events, ms(b.generate)),
     );
-    println!(
-        "  resources: {} addresses, {} authorizations, {:.1} MiB encoded",
-        b.addresses,
-        b.authorizations,
-        b.encoded_bytes as f64 / (1024.0 * 1024.0)
+    row("Model::apply", ms(b.apply));
+    row("push (encode + server store)", ms(b.push));
+    row(
+        "resources",
+        format!(
+            "{} addresses, {} authorizations, {:.1} MiB encoded",
+            b.addresses,
+            b.authorizations,
+            b.encoded_bytes as f64 / (1024.0 * 1024.0)
+        ),
     );
-    println!(
-        "  apply + push: {}  target < {}  {}",
-        ms(total),
-        ms(BUILD_TARGET),
-        verdict(total < BUILD_TARGET)
+    row(
+        "apply + push",
+        format!(
+            "{}   target < {}   {}",
+            ms(total),
+            ms(BUILD_TARGET),
+            verdict(total < BUILD_TARGET)
+        ),
     );
 
-    // 2. Memory after building (the input events are gone: apply consumed them).
     println!();
-    println!("2. Memory of this (controller) process");
-    println!("  before building:  VmRSS {:.1} MiB", b.before.rss_mib());
-    println!(
-        "  after building (model + server state, no clients): VmRSS {:.1} MiB, peak VmHWM {:.1} MiB  target < {RSS_TARGET_MIB} MiB  {}",
-        b.after.rss_mib(),
-        b.after.hwm_mib(),
-        verdict(b.after.hwm_mib() < RSS_TARGET_MIB)
+    println!("2. Memory of the controller process (clients run in a separate process)");
+    row(
+        "before building",
+        format!("VmRSS {:.1} MiB", b.before.rss_mib()),
+    );
+    row(
+        "after building, no clients",
+        format!(
+            "peak VmHWM {:.1} MiB (VmRSS {:.1})   target < {RSS_TARGET_MIB} MiB   {}",
+            b.after.hwm_mib(),
+            b.after.rss_mib(),
+            verdict(b.after.hwm_mib() < RSS_TARGET_MIB)
+        ),
     );
 
     // 3. Serving and push latency, once per debounce.
@@ -318,6 +337,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             changes: args.changes,
             change_gap: args.change_gap,
             sync_timeout: args.sync_timeout,
+            connect_spread: args.connect_spread,
             expect_addresses: b.addresses,
             expect_authorizations: b.authorizations,
         };
@@ -331,18 +351,28 @@ fn run(args: Args) -> anyhow::Result<()> {
         server.close();
         drop(server);
         if i == 0 {
-            println!();
-            println!(
-                "  after serving {} clients (sync + changes, debounce {}): VmRSS {:.1} MiB, peak VmHWM {:.1} MiB  target < {RSS_TARGET_MIB} MiB  {}",
-                args.clients,
-                ms(debounce),
-                r.server_memory.rss_mib(),
-                r.server_memory.hwm_mib(),
-                verdict(r.server_memory.hwm_mib() < RSS_TARGET_MIB)
+            let m = r.synced_memory;
+            row(
+                &format!("{} clients synced", args.clients),
+                format!(
+                    "peak VmHWM {:.1} MiB (VmRSS {:.1})",
+                    m.hwm_mib(),
+                    m.rss_mib()
+                ),
             );
-            println!(
-                "  client process (not the controller): VmHWM {:.1} MiB",
-                r.client_memory.hwm_mib()
+            let m = r.server_memory;
+            row(
+                "after the changes, clients on",
+                format!(
+                    "peak VmHWM {:.1} MiB (VmRSS {:.1})   target < {RSS_TARGET_MIB} MiB   {}",
+                    m.hwm_mib(),
+                    m.rss_mib(),
+                    verdict(m.hwm_mib() < RSS_TARGET_MIB)
+                ),
+            );
+            row(
+                "(client process, not counted)",
+                format!("VmHWM {:.1} MiB", r.client_memory.hwm_mib()),
             );
         }
         results.push((debounce, r));
@@ -350,28 +380,61 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "3. Push latency: {} clients x {} changes per run (change -> client handler)",
-        args.clients, args.changes
+        "3. Push latency, change -> client handler: {} clients x {} changes per debounce{}",
+        args.clients,
+        args.changes,
+        if args.connect_spread.is_zero() {
+            String::new()
+        } else {
+            format!(" (connects spread over {})", ms(args.connect_spread))
+        }
     );
     for (debounce, r) in &results {
         let s = r.latency;
-        println!(
-            "  debounce {:>7}: all {} clients synced in {}; samples {} (missing {}); p50 {}  p90 {}  p99 {}  max {}; apply+push {} per change  target p99 < {}  {}",
-            ms(*debounce),
-            args.clients,
-            ms(r.sync),
-            s.count,
-            r.missing,
-            ms(s.p50),
-            ms(s.p90),
-            ms(s.p99),
-            ms(s.max),
-            ms(r.apply_push),
-            ms(LATENCY_TARGET),
-            verdict(s.count > 0 && r.missing == 0 && s.p99 < LATENCY_TARGET)
+        println!("  debounce {}:", ms(*debounce));
+        sub_row(
+            "initial sync, all clients",
+            format!(
+                "{} (CPU: controller {:.1} s, clients {:.1} s)",
+                ms(r.sync),
+                r.sync_cpu.0.as_secs_f64(),
+                r.sync_cpu.1.as_secs_f64()
+            ),
+        );
+        sub_row("apply + push per change", ms(r.apply_push));
+        sub_row(
+            "latency",
+            format!(
+                "p50 {}  p90 {}  p99 {}  max {}  ({} samples, {} missing)",
+                ms(s.p50),
+                ms(s.p90),
+                ms(s.p99),
+                ms(s.max),
+                s.count,
+                r.missing
+            ),
+        );
+        sub_row(
+            "p99",
+            format!(
+                "{}   target < {}   {}",
+                ms(s.p99),
+                ms(LATENCY_TARGET),
+                verdict(s.count > 0 && r.missing == 0 && s.p99 < LATENCY_TARGET)
+            ),
         );
     }
     println!();
     println!("  load average at end: {}", stats::loadavg());
     Ok(())
+}
+
+/// One aligned result line.
+fn row(label: &str, value: impl std::fmt::Display) {
+    println!("  {label:<32} {value}");
+}
+
+/// One aligned result line under a sub-heading.
+fn sub_row(label: &str, value: impl std::fmt::Display) {
+    println!("    {label:<30} {value}");
 }

@@ -53,7 +53,7 @@ impl InpodManager {
         let mut backoff = Duration::from_millis(100);
         loop {
             let result = tokio::select! {
-                r = self.serve_connection(&mut ready) => r,
+                r = self.serve_connection(&mut ready, &mut backoff) => r,
                 _ = drain.cancelled() => break,
             };
             match result {
@@ -77,9 +77,14 @@ impl InpodManager {
         self.tasks.wait().await;
     }
 
-    async fn serve_connection(&mut self, ready: &mut Option<ReadyGuard>) -> Result<(), ZdsError> {
+    async fn serve_connection(
+        &mut self,
+        ready: &mut Option<ReadyGuard>,
+        backoff: &mut Duration,
+    ) -> Result<(), ZdsError> {
         let conn = ZdsConnection::connect(&self.uds).await?;
         conn.send_hello().await?;
+        *backoff = Duration::from_millis(100);
         tracing::info!(uds = %self.uds.display(), "connected to node agent");
         let mut seen: HashSet<String> = HashSet::new();
         loop {

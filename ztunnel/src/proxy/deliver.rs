@@ -9,9 +9,9 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use super::ProxyInputs;
+use super::conntrack::TrackedConnection;
 use crate::accesslog::ConnectionLog;
 use crate::metrics::ConnectionLabels;
-use crate::rbac;
 use crate::socket;
 use crate::state::Workload;
 
@@ -32,17 +32,17 @@ pub async fn connect_app(
     }
 }
 
-/// Relays an authorized connection until `copy` finishes, policy stops allowing it, or the drain
+/// Relays an authorized connection (tracked since before its policy check, so a policy change
+/// in between is never missed) until `copy` finishes, policy stops allowing it, or the drain
 /// deadline passes. `copy` yields (client-to-app, app-to-client) bytes.
 pub async fn relay(
     inputs: &ProxyInputs,
-    conn: rbac::Connection,
+    tracked: TrackedConnection<'_>,
     labels: &ConnectionLabels,
     mut log: ConnectionLog,
     started: Instant,
     copy: impl Future<Output = std::io::Result<(u64, u64)>>,
 ) {
-    let tracked = inputs.conns.track(conn);
     let mut guard = inputs.shared.metrics.open_connection(labels);
     let copied = tokio::select! {
         r = copy => r.map_err(|e| e.to_string()),

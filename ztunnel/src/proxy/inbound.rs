@@ -125,6 +125,10 @@ async fn handle_request(
     let Some(authority) = req.parsed_authority() else {
         return reject(&inputs, req, StatusCode::BAD_REQUEST, "bad_request");
     };
+    // Tunnelling to our own capture ports would loop back into ztunnel.
+    if super::is_proxy_port(authority.port()) {
+        return reject(&inputs, req, StatusCode::BAD_REQUEST, "bad_request");
+    }
     let header_bytes: usize = req
         .headers()
         .iter()
@@ -168,6 +172,9 @@ async fn handle_request(
         dst_ip: authority.ip(),
         dst_port: authority.port(),
     };
+    // Track first: a policy change after this point re-checks the connection, so none slips
+    // between the check below and the relay.
+    let tracked = inputs.conns.track(conn.clone());
     let policies = inputs.shared.state.read().policies_for(&local);
     if let Decision::Deny { reason, .. } = rbac::authorize(&policies, &conn) {
         inputs.shared.metrics.connection_failed(&labels);
@@ -198,7 +205,7 @@ async fn handle_request(
             hbone::stream::copy_bidirectional(&mut upstream, stream).await?;
         Ok((from_client, to_client))
     };
-    deliver::relay(&inputs, conn, &labels, log, started, copy).await;
+    deliver::relay(&inputs, tracked, &labels, log, started, copy).await;
 }
 
 /// Labels for a connection reported by the destination side.

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::inbound::inbound_labels;
-use super::{INBOUND_PLAINTEXT_PORT, ProxyInputs, accept_loop, deliver};
+use super::{ProxyInputs, accept_loop, deliver};
 use crate::accesslog::{ConnectionLog, Direction};
 use crate::rbac::{self, Decision};
 use crate::socket;
@@ -40,7 +40,7 @@ async fn handle(inputs: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
     };
     let mut log = ConnectionLog::new(Direction::Inbound, peer, dst);
     // A direct connection to the listener itself would loop back into it.
-    if dst.port() == INBOUND_PLAINTEXT_PORT {
+    if super::is_proxy_port(dst.port()) {
         log.error = Some("refusing direct connection to the capture port".into());
         log.emit();
         return;
@@ -66,6 +66,9 @@ async fn handle(inputs: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
         dst_ip: dst.ip(),
         dst_port: dst.port(),
     };
+    // Track first: a policy change after this point re-checks the connection, so none slips
+    // between the check below and the relay.
+    let tracked = inputs.conns.track(conn.clone());
     let policies = inputs.shared.state.read().policies_for(&local);
     if let Decision::Deny { reason, .. } = rbac::authorize(&policies, &conn) {
         inputs.shared.metrics.connection_failed(&labels);
@@ -85,5 +88,5 @@ async fn handle(inputs: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
         }
     };
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-    deliver::relay(&inputs, conn, &labels, log, started, copy).await;
+    deliver::relay(&inputs, tracked, &labels, log, started, copy).await;
 }

@@ -35,6 +35,11 @@ pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// Port of the HBONE (mTLS) listener.
 pub const HBONE_PORT: u16 = 15008;
 
+/// ztunnel's own capture ports: traffic addressed to them on a local address would loop.
+pub fn is_proxy_port(port: u16) -> bool {
+    matches!(port, OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | HBONE_PORT)
+}
+
 /// Settings shared by every proxy in the process.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {

@@ -51,6 +51,12 @@ pub enum ResolveError {
     /// A VIP without healthy endpoints for the port.
     #[error("service {0} has no healthy endpoint for port {1}")]
     NoEndpoint(String, u16),
+    /// The destination workload has no address to dial.
+    #[error("workload {0} has no address")]
+    NoAddress(String),
+    /// A connection aimed back at ztunnel's own capture ports (it would loop).
+    #[error("destination {0} is one of ztunnel's own ports")]
+    ProxyPort(SocketAddr),
     /// A waypoint reference that names nothing known.
     #[error("waypoint {0:?} not found")]
     NoWaypoint(GatewayAddress),
@@ -75,6 +81,13 @@ pub fn resolve(
     src: Option<&Workload>,
     dst: SocketAddr,
 ) -> Result<Upstream, ResolveError> {
+    if super::is_proxy_port(dst.port())
+        && (dst.ip().is_loopback()
+            || dst.ip().is_unspecified()
+            || src.is_some_and(|w| w.addresses.contains(&dst.ip())))
+    {
+        return Err(ResolveError::ProxyPort(dst));
+    }
     let network = inputs.shared.config.network.clone();
     let addr = NetworkAddress::new(network, dst.ip());
     let store = &inputs.shared.state;
@@ -89,14 +102,14 @@ pub fn resolve(
         let (w, target) = store
             .pick_endpoint(&svc, dst.port())
             .ok_or_else(|| ResolveError::NoEndpoint(svc.hostname.clone(), dst.port()))?;
-        return Ok(workload_upstream(w, target, Some(svc)));
+        return workload_upstream(w, target, Some(svc));
     }
     match workload_by_ip {
         Some(w) => {
             if let Some(wp) = w.waypoint.as_ref().filter(|wp| !is_self(src, wp, inputs)) {
                 return waypoint_upstream(inputs, wp, dst, None);
             }
-            Ok(workload_upstream(w, dst.port(), None))
+            workload_upstream(w, dst.port(), None)
         }
         None => Ok(Upstream::Passthrough {
             addr: dst,
@@ -121,32 +134,32 @@ fn is_self(src: Option<&Workload>, wp: &GatewayAddress, inputs: &ProxyInputs) ->
     }
 }
 
-fn workload_upstream(w: Arc<Workload>, port: u16, service: Option<Arc<Service>>) -> Upstream {
+fn workload_upstream(
+    w: Arc<Workload>,
+    port: u16,
+    service: Option<Arc<Service>>,
+) -> Result<Upstream, ResolveError> {
     let Some(ip) = w.addresses.first().copied() else {
-        return Upstream::Passthrough {
-            addr: SocketAddr::new([0, 0, 0, 0].into(), port),
-            workload: Some(w),
-            service,
-        };
+        return Err(ResolveError::NoAddress(w.uid.to_string()));
     };
     if !w.is_hbone() {
-        return Upstream::Passthrough {
+        return Ok(Upstream::Passthrough {
             addr: SocketAddr::new(ip, port),
             workload: Some(w),
             service,
-        };
+        });
     }
     let mut expected = vec![w.identity()];
     if let Some(s) = &service {
         expected.extend(parse_sans(&s.subject_alt_names));
     }
-    Upstream::Hbone {
+    Ok(Upstream::Hbone {
         hbone_addr: SocketAddr::new(ip, HBONE_PORT),
         authority: SocketAddr::new(ip, port),
         expected,
         workload: Some(w),
         service,
-    }
+    })
 }
 
 fn parse_sans(sans: &[String]) -> impl Iterator<Item = Identity> + '_ {
@@ -202,12 +215,10 @@ async fn handle(inputs: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
     };
     let src_workload = {
         let addr = NetworkAddress::new(inputs.shared.config.network.clone(), peer.ip());
-        inputs
-            .shared
-            .state
-            .read()
-            .workload_by_ip(&addr)
-            .or_else(|| inputs.local_workload())
+        // Release the read guard before local_workload() takes its own: std's RwLock blocks a
+        // second read while a writer waits, which would deadlock this thread.
+        let by_ip = inputs.shared.state.read().workload_by_ip(&addr);
+        by_ip.or_else(|| inputs.local_workload())
     };
     let src_identity = inputs.identity();
     let mut log = ConnectionLog::new(Direction::Outbound, peer, dst);

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::objects::ClusterSpec;
-use super::stats::{Memory, Summary, memory, now_ns, summarize};
+use super::stats::{Memory, Summary, cpu_time, memory, now_ns, summarize};
 
 /// Longest wait for every client to see one change.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,6 +33,8 @@ pub struct Phase {
     pub change_gap: Duration,
     /// Longest wait for the initial sync.
     pub sync_timeout: Duration,
+    /// Client starts spread over this long (zero: all at once, as after a controller restart).
+    pub connect_spread: Duration,
     /// Address resources in the full state.
     pub expect_addresses: usize,
     /// Authorization resources in the full state.
@@ -49,6 +51,10 @@ pub struct PhaseResult {
     pub missing: usize,
     /// Mean time of `Model::apply` + `push` for one change.
     pub apply_push: Duration,
+    /// This process once every client held the full state.
+    pub synced_memory: Memory,
+    /// CPU time of this process / the client process during the initial sync.
+    pub sync_cpu: (Duration, Duration),
     /// This process at the end of the run, clients still connected.
     pub server_memory: Memory,
     /// The client process at the end of the run.
@@ -115,6 +121,7 @@ pub async fn run(
             "--expect-authorizations",
             &phase.expect_authorizations.to_string(),
         ])
+        .args(["--spread-ms", &phase.connect_spread.as_millis().to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -122,6 +129,7 @@ pub async fn run(
         .spawn()
         .context("starting the client process")?;
     let child_pid = child.id().map(|p| p.to_string()).unwrap_or_default();
+    let cpu_before = cpu_time("self");
     let stdin = child.stdin.take();
     let stdout = child.stdout.take().context("client process stdout")?;
     let (tx, mut rx) = mpsc::channel(65_536);
@@ -156,6 +164,11 @@ pub async fn run(
         }
     }
     let sync = Duration::from_nanos(last_sync.saturating_sub(start.unwrap_or(last_sync)));
+    let sync_cpu = (
+        cpu_time("self").saturating_sub(cpu_before),
+        cpu_time(&child_pid),
+    );
+    let synced_memory = memory("self");
 
     // Changes, one at a time.
     let mut samples = Vec::with_capacity(phase.clients * phase.changes);
@@ -216,6 +229,8 @@ pub async fn run(
         latency: summarize(&mut samples),
         missing,
         apply_push: apply_push / phase.changes.max(1) as u32,
+        synced_memory,
+        sync_cpu,
         server_memory,
         client_memory,
     })

@@ -40,6 +40,21 @@ pub fn memory(pid: &str) -> Memory {
     }
 }
 
+/// User + system CPU time of `pid` ("self" for this process), from /proc/<pid>/stat.
+pub fn cpu_time(pid: &str) -> Duration {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    // USER_HZ is 100 on every mainstream Linux build.
+    Duration::from_millis(ticks * 10)
+}
+
 /// The 1/5/15-minute load averages, as /proc/loadavg prints them.
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -119,5 +134,8 @@ mod tests {
     fn own_memory_is_readable() {
         let m = memory("self");
         assert!(m.hwm_kib >= m.rss_kib && m.rss_kib > 0, "{m:?}");
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(50) {}
+        assert!(cpu_time("self") >= Duration::from_millis(20));
     }
 }

@@ -42,6 +42,9 @@ pub struct WorkerArgs {
     /// Authorization resources in the full state.
     #[arg(long)]
     pub expect_authorizations: usize,
+    /// Spread the client starts evenly over this many milliseconds (0: all at once).
+    #[arg(long, default_value_t = 0)]
+    pub spread_ms: u64,
 }
 
 /// Counts the initial state, then reports the benchmark's pod changes.
@@ -165,7 +168,14 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             report: report.clone(),
             dropped: dropped.clone(),
         };
-        clients.spawn(client.run(probe, stop.clone()));
+        let delay = Duration::from_millis(args.spread_ms * id as u64 / args.clients.max(1) as u64);
+        let stop = stop.clone();
+        clients.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => client.run(probe, stop).await,
+                _ = stop.cancelled() => {}
+            }
+        });
     }
     clients.close();
     // The parent closes our stdin to end the run (or dies, which closes it too).
