@@ -165,7 +165,7 @@ fn xds_server(debounce: Duration) -> anyhow::Result<XdsServer> {
 fn build(args: &Args, spec: &ClusterSpec, model: &mut Model, xds: &XdsServer) -> Build {
     let before = memory("self");
     let started = Instant::now();
-    let (events, _) = spec.events();
+    let events = spec.events();
     let generate = started.elapsed();
     let n = events.len();
     let (mut apply, mut push_time) = (Duration::ZERO, Duration::ZERO);

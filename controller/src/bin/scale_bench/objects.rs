@@ -43,21 +43,6 @@ pub struct ClusterSpec {
     pub slices: bool,
 }
 
-/// What [`events`] generated, by kind.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Counts {
-    /// Namespaces.
-    pub namespaces: usize,
-    /// Pods.
-    pub pods: usize,
-    /// Services.
-    pub services: usize,
-    /// EndpointSlices.
-    pub slices: usize,
-    /// AuthorizationPolicies.
-    pub policies: usize,
-}
-
 /// A deterministic pseudo-random suffix of `len` characters.
 fn token(seed: u64, len: usize) -> String {
     // splitmix64: cheap and well spread, so names look like real generated ones.
@@ -460,17 +445,11 @@ impl ClusterSpec {
 
     /// Every object as one initial-state event list: namespaces, pods, services, slices,
     /// policies (the order a Kubernetes source lists them in does not matter to the model).
-    pub fn events(&self) -> (Vec<ConfigEvent>, Counts) {
+    pub fn events(&self) -> Vec<ConfigEvent> {
         let apply = |o: Object| ConfigEvent::Apply(Arc::new(o));
-        let counts = Counts {
-            namespaces: self.namespaces,
-            pods: self.pods,
-            services: self.services,
-            slices: if self.slices { self.services } else { 0 },
-            policies: self.policies,
-        };
+        let slices = if self.slices { self.services } else { 0 };
         let mut out = Vec::with_capacity(
-            counts.namespaces + counts.pods + counts.services + counts.slices + counts.policies + 1,
+            self.namespaces + self.pods + self.services + slices + self.policies + 1,
         );
         out.extend((0..self.namespaces).map(|n| apply(Object::Namespace(self.namespace(n)))));
         out.extend((0..self.pods).map(|i| apply(Object::Pod(self.pod(i, None)))));
@@ -480,7 +459,7 @@ impl ClusterSpec {
         }
         out.extend((0..self.policies).map(|p| apply(Object::AuthorizationPolicy(self.policy(p)))));
         out.push(ConfigEvent::Synced);
-        (out, counts)
+        out
     }
 
     /// The pod changed by change number `k`: spread over the cluster, deterministic.
