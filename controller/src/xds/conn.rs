@@ -18,7 +18,11 @@ use super::store::{Changes, Entry, ResourceStore};
 use crate::ca::Caller;
 
 /// Nonces remembered per type while waiting for their ACK; older ones count as stale.
-const MAX_OUTSTANDING: usize = 32;
+const MAX_OUTSTANDING: usize = 256;
+/// Resources per response. Large pushes (a proxy's initial sync) are split so no single message
+/// is megabytes: gRPC keeps each stream's encode buffer at its largest message for the stream's
+/// whole life, which with many proxies dominated the controller's memory.
+const MAX_RESOURCES_PER_RESPONSE: usize = 200;
 /// The subscription name meaning "everything of this type".
 const WILDCARD: &str = "*";
 
@@ -444,42 +448,60 @@ impl Connection {
             let Some((resources, removed, oldest)) = w.build(type_url, &store) else {
                 continue;
             };
-            self.nonce += 1;
-            let nonce = format!("{:08x}-{}-{}", shared.nonce_prefix, self.id, self.nonce);
-            w.outstanding.push_back(nonce.clone());
-            if w.outstanding.len() > MAX_OUTSTANDING {
-                w.outstanding.pop_front();
-            }
             let label = type_label(type_url);
-            let count = (resources.len() + removed.len()) as u64;
             let m = &shared.metrics;
-            m.pushes.with_label_values(&[label]).inc();
-            m.resources_sent.with_label_values(&[label]).inc_by(count);
             if let Some(at) = oldest {
                 m.push_latency
                     .with_label_values(&[label])
                     .observe(at.elapsed().as_secs_f64());
             }
-            self.stats.responses.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .resources_sent
-                .fetch_add(count, Ordering::Relaxed);
-            tracing::debug!(
-                conn = self.id,
-                node = %self.node_id,
-                type_url = %type_url,
-                %nonce,
-                updated = resources.len(),
-                removed = removed.len(),
-                "xDS push"
-            );
-            out.push(DeltaDiscoveryResponse {
-                system_version_info: store.generation().to_string(),
-                resources,
-                type_url: type_url.clone(),
-                removed_resources: removed,
-                nonce,
-            });
+            // Removals ride on the last chunk; an empty response still answers an initial request.
+            let mut chunks: Vec<Vec<Resource>> = Vec::new();
+            let mut rest = resources.into_iter().peekable();
+            while rest.peek().is_some() {
+                chunks.push(rest.by_ref().take(MAX_RESOURCES_PER_RESPONSE).collect());
+            }
+            if chunks.is_empty() {
+                chunks.push(Vec::new());
+            }
+            let last = chunks.len() - 1;
+            let mut removed = Some(removed);
+            for (i, resources) in chunks.into_iter().enumerate() {
+                let removed = if i == last {
+                    removed.take().unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                self.nonce += 1;
+                let nonce = format!("{:08x}-{}-{}", shared.nonce_prefix, self.id, self.nonce);
+                w.outstanding.push_back(nonce.clone());
+                if w.outstanding.len() > MAX_OUTSTANDING {
+                    w.outstanding.pop_front();
+                }
+                let count = (resources.len() + removed.len()) as u64;
+                m.pushes.with_label_values(&[label]).inc();
+                m.resources_sent.with_label_values(&[label]).inc_by(count);
+                self.stats.responses.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .resources_sent
+                    .fetch_add(count, Ordering::Relaxed);
+                tracing::debug!(
+                    conn = self.id,
+                    node = %self.node_id,
+                    type_url = %type_url,
+                    %nonce,
+                    updated = resources.len(),
+                    removed = removed.len(),
+                    "xDS push"
+                );
+                out.push(DeltaDiscoveryResponse {
+                    system_version_info: store.generation().to_string(),
+                    resources,
+                    type_url: type_url.clone(),
+                    removed_resources: removed,
+                    nonce,
+                });
+            }
         }
         out
     }
