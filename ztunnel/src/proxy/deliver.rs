@@ -12,6 +12,7 @@ use super::ProxyInputs;
 use super::conntrack::TrackedConnection;
 use crate::accesslog::ConnectionLog;
 use crate::metrics::ConnectionLabels;
+use crate::rbac;
 use crate::socket;
 use crate::state::Workload;
 
@@ -30,6 +31,47 @@ pub async fn connect_app(
         Ok(Err(e)) => Err(format!("connect to app {dst}: {e}")),
         Err(_) => Err(format!("connect to app {dst}: timed out")),
     }
+}
+
+/// Authorizes `conn` for the local workload. The connection is tracked before the check, so a
+/// policy change in between still re-checks it; a denial is counted and logged.
+pub fn admit<'a>(
+    inputs: &'a ProxyInputs,
+    local: &Workload,
+    conn: rbac::Connection,
+    labels: &ConnectionLabels,
+    log: &mut ConnectionLog,
+    started: Instant,
+) -> Option<TrackedConnection<'a>> {
+    let tracked = inputs.conns.track(conn.clone());
+    let policies = inputs.shared.state.read().policies_for(local);
+    match rbac::authorize(&policies, &conn) {
+        rbac::Decision::Allow => Some(tracked),
+        rbac::Decision::Deny { reason, .. } => {
+            fail(
+                inputs,
+                labels,
+                log,
+                started,
+                format!("denied by policy: {reason}"),
+            );
+            None
+        }
+    }
+}
+
+/// Counts a failed connection and writes its access-log line.
+pub fn fail(
+    inputs: &ProxyInputs,
+    labels: &ConnectionLabels,
+    log: &mut ConnectionLog,
+    started: Instant,
+    error: String,
+) {
+    inputs.shared.metrics.connection_failed(labels);
+    log.error = Some(error);
+    log.duration = started.elapsed();
+    log.emit();
 }
 
 /// Relays an authorized connection (tracked since before its policy check, so a policy change

@@ -18,7 +18,7 @@ use super::telemetry::{peer_labels, service_labels};
 use super::{ProxyInputs, accept_loop, deliver};
 use crate::accesslog::{ConnectionLog, Direction};
 use crate::metrics::{ConnectionLabels, Reporter, reporter_labels};
-use crate::rbac::{self, Decision};
+use crate::rbac;
 use crate::socket;
 use crate::state::{NetworkAddress, Workload};
 
@@ -172,24 +172,13 @@ async fn handle_request(
         dst_ip: authority.ip(),
         dst_port: authority.port(),
     };
-    // Track first: a policy change after this point re-checks the connection, so none slips
-    // between the check below and the relay.
-    let tracked = inputs.conns.track(conn.clone());
-    let policies = inputs.shared.state.read().policies_for(&local);
-    if let Decision::Deny { reason, .. } = rbac::authorize(&policies, &conn) {
-        inputs.shared.metrics.connection_failed(&labels);
-        log.error = Some(format!("denied by policy: {reason}"));
-        log.duration = started.elapsed();
-        log.emit();
+    let Some(tracked) = deliver::admit(&inputs, &local, conn, &labels, &mut log, started) else {
         return reject(&inputs, req, StatusCode::UNAUTHORIZED, "rbac");
-    }
+    };
     let mut upstream = match deliver::connect_app(&inputs, &local, peer.ip(), authority).await {
         Ok(s) => s,
         Err(e) => {
-            inputs.shared.metrics.connection_failed(&labels);
-            log.error = Some(e);
-            log.duration = started.elapsed();
-            log.emit();
+            deliver::fail(&inputs, &labels, &mut log, started, e);
             return reject(&inputs, req, StatusCode::SERVICE_UNAVAILABLE, "upstream");
         }
     };

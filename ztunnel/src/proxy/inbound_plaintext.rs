@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use super::inbound::inbound_labels;
 use super::{ProxyInputs, accept_loop, deliver};
 use crate::accesslog::{ConnectionLog, Direction};
-use crate::rbac::{self, Decision};
+use crate::rbac;
 use crate::socket;
 use crate::state::NetworkAddress;
 
@@ -66,26 +66,12 @@ async fn handle(inputs: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
         dst_ip: dst.ip(),
         dst_port: dst.port(),
     };
-    // Track first: a policy change after this point re-checks the connection, so none slips
-    // between the check below and the relay.
-    let tracked = inputs.conns.track(conn.clone());
-    let policies = inputs.shared.state.read().policies_for(&local);
-    if let Decision::Deny { reason, .. } = rbac::authorize(&policies, &conn) {
-        inputs.shared.metrics.connection_failed(&labels);
-        log.error = Some(format!("denied by policy: {reason}"));
-        log.duration = started.elapsed();
-        log.emit();
+    let Some(tracked) = deliver::admit(&inputs, &local, conn, &labels, &mut log, started) else {
         return;
-    }
+    };
     let mut upstream = match deliver::connect_app(&inputs, &local, peer.ip(), dst).await {
         Ok(s) => s,
-        Err(e) => {
-            inputs.shared.metrics.connection_failed(&labels);
-            log.error = Some(e);
-            log.duration = started.elapsed();
-            log.emit();
-            return;
-        }
+        Err(e) => return deliver::fail(&inputs, &labels, &mut log, started, e),
     };
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     deliver::relay(&inputs, tracked, &labels, log, started, copy).await;
