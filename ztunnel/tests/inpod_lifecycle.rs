@@ -80,6 +80,15 @@ fn zds_delete_stops_the_pods_proxy_and_resnapshot_keeps_the_rest() {
     // Pod a's capture rules now lead nowhere: fail closed, never plaintext.
     let after = mesh.connect().and_then(|mut c| c.greeting());
     assert!(after.is_err(), "pod a still proxied after delete");
+    // Its certificate is no longer kept or rotated.
+    let dump = mesh.zt.config_dump();
+    let ids: Vec<String> = dump["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["identity"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ids, vec!["spiffe://cluster.local/ns/default/sa/server"], "{dump}");
     // Re-adding pod a brings it back.
     let err = mesh
         .peer

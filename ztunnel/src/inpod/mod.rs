@@ -182,6 +182,19 @@ impl InpodManager {
         if let Some(p) = self.proxies.remove(uid) {
             tracing::info!(%uid, workload = ?p.info, "pod removed; draining its proxy");
             p.drain.cancel();
+            // Stop rotating a certificate no pod on this node uses any more (the CA would
+            // refuse it anyway once the pod is gone).
+            let same_identity = |i: &WorkloadInfo| {
+                i.namespace == p.info.namespace && i.service_account == p.info.service_account
+            };
+            if !self.proxies.values().any(|r| same_identity(&r.info)) {
+                let id = hbone::Identity::new(
+                    self.shared.config.trust_domain.clone(),
+                    p.info.namespace.clone(),
+                    p.info.service_account.clone(),
+                );
+                self.shared.certs.forget(&id);
+            }
         }
     }
 }
