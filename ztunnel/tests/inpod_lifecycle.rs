@@ -88,7 +88,11 @@ fn zds_delete_stops_the_pods_proxy_and_resnapshot_keeps_the_rest() {
         .flatten()
         .map(|c| c["identity"].as_str().unwrap_or_default().to_string())
         .collect();
-    assert_eq!(ids, vec!["spiffe://cluster.local/ns/default/sa/server"], "{dump}");
+    assert_eq!(
+        ids,
+        vec!["spiffe://cluster.local/ns/default/sa/server"],
+        "{dump}"
+    );
     // Re-adding pod a brings it back.
     let err = mesh
         .peer
