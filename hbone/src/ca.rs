@@ -325,7 +325,35 @@ impl fmt::Debug for FakeCa {
     }
 }
 
-fn random_serial() -> SerialNumber {
+/// The mesh's certificate profile for workload (and controller serving) leaves: empty subject
+/// as Istio issues (rcgen then marks the SAN critical), not a CA, digitalSignature +
+/// keyEncipherment, serverAuth + clientAuth, a random positive serial.
+pub fn leaf_profile(
+    sans: Vec<SanType>,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.subject_alt_names = sans;
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    p.not_before = not_before;
+    p.not_after = not_after;
+    p.serial_number = Some(random_serial());
+    p
+}
+
+/// A random positive certificate serial.
+pub fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
     // Positive and without a leading zero byte, as DER integers in certificates should be.
     bytes[0] = (bytes[0] & 0x7f) | 0x01;
@@ -377,24 +405,13 @@ impl FakeCa {
     }
 
     fn leaf_params(id: &Identity, ttl: Duration) -> Result<CertificateParams, CaError> {
-        let mut p = CertificateParams::default();
-        // Empty subject, as Istio issues; rcgen then marks the SAN critical.
-        p.distinguished_name = DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.use_authority_key_identifier_extension = true;
         let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - Duration::from_secs(1);
-        p.not_after = now + ttl;
-        p.serial_number = Some(random_serial());
-        Ok(p)
+        let san = SanType::URI(id.to_string().try_into()?);
+        Ok(leaf_profile(
+            vec![san],
+            now - Duration::from_secs(1),
+            now + ttl,
+        ))
     }
 
     /// Issues a certificate (fresh key) for `id` valid for `ttl`.

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use hbone::Identity;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType,
 };
 use rustls::pki_types::CertificateSigningRequestDer;
 use rustls::pki_types::pem::PemObject;
@@ -16,6 +16,8 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
+
+use hbone::ca::{leaf_profile, random_serial};
 
 use super::pem::{PemCert, load_key, split_certs};
 use super::{CaError, CaMaterial, RootStore};
@@ -122,13 +124,6 @@ impl std::fmt::Debug for CertificateAuthority {
             .field("intermediates", &self.intermediates.len())
             .finish_non_exhaustive()
     }
-}
-
-fn random_serial() -> SerialNumber {
-    let mut bytes: [u8; 16] = rand::random();
-    // A positive DER integer without a leading zero byte.
-    bytes[0] = (bytes[0] & 0x7f) | 0x01;
-    SerialNumber::from_slice(&bytes)
 }
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, CaError> {
@@ -341,26 +336,13 @@ impl CertificateAuthority {
     }
 
     fn leaf_params(&self, sans: Vec<SanType>, ttl: Duration) -> Result<CertificateParams, CaError> {
-        let mut p = CertificateParams::default();
-        // Empty subject as Istio issues; the identity is the URI SAN (then marked critical).
-        p.distinguished_name = DistinguishedName::new();
-        p.subject_alt_names = sans;
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
-        p.not_before = now - self.config.clock_skew;
-        // A leaf never outlives the certificate that signed it.
-        p.not_after = (now + ttl).min(self.signing_not_after);
-        p.serial_number = Some(random_serial());
-        Ok(p)
+        // Backdated for clock skew; a leaf never outlives the certificate that signed it.
+        Ok(leaf_profile(
+            sans,
+            now - self.config.clock_skew,
+            (now + ttl).min(self.signing_not_after),
+        ))
     }
 
     fn chain_with(&self, leaf_pem: String) -> Vec<String> {
