@@ -3,9 +3,8 @@
 
 pub mod app;
 pub mod ca;
-pub mod config;
-pub mod crd;
 pub mod model;
 pub mod monitoring;
-pub mod source;
 pub mod xds;
+
+pub use meshconfig::{config, crd, source};

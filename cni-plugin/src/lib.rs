@@ -1,0 +1,1 @@
+//! Chained CNI plugin and node agent for ambient enrollment.
