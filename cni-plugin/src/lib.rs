@@ -1,1 +1,4 @@
-//! Chained CNI plugin and node agent for ambient enrollment.
+//! Ambient enrollment on a node: the chained CNI plugin (`mesh-cni`) and the node agent
+//! (`mesh-cni-agent`) that programs in-pod redirection and hands pod netns to ztunnel over ZDS.
+
+pub mod protocol;

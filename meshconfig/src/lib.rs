@@ -4,4 +4,5 @@
 
 pub mod config;
 pub mod crd;
+pub mod enrollment;
 pub mod source;

@@ -18,8 +18,7 @@ use super::index::{Labels, NsName, WorkloadKind, WorkloadRef};
 use super::{Dirty, Model};
 use crate::crd::{WorkloadEntry, WorkloadEntrySpec};
 
-/// Namespace/pod label that enrolls workloads in ambient mode.
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub use meshconfig::enrollment::{DATAPLANE_MODE_LABEL, ambient_enrolled};
 /// Pod/namespace label naming the workload's network.
 pub const NETWORK_LABEL: &str = "topology.istio.io/network";
 
@@ -140,17 +139,6 @@ fn cronjob_name(job: &str) -> Option<&str> {
     let (base, suffix) = job.rsplit_once('-')?;
     let digits = (8..=10).contains(&suffix.len()) && suffix.bytes().all(|b| b.is_ascii_digit());
     (digits && !base.is_empty()).then_some(base)
-}
-
-/// True if a workload with these labels in a namespace with these labels is ambient.
-pub fn ambient_enrolled(ns_labels: Option<&Labels>, labels: &Labels) -> bool {
-    match labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
-        Some("none") => false,
-        Some("ambient") => true,
-        _ => ns_labels
-            .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
-            .is_some_and(|v| v == "ambient"),
-    }
 }
 
 /// Canonical service name: Istio's label precedence, else the workload name.
