@@ -4,9 +4,11 @@
 
 pub mod apps;
 pub mod ca;
+pub mod cni;
 pub mod controller;
 pub mod mesh;
 pub mod netns;
+pub mod node;
 pub mod process;
 pub mod zds;
 pub mod ztunnel;
@@ -20,3 +22,4 @@ pub fn require_root() -> bool {
         false
     }
 }
+pub mod testapp;

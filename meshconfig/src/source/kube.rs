@@ -28,6 +28,7 @@ pub struct KubeSource {
     client: Client,
     tx: EventSender,
     on_error: ErrorHook,
+    node: Option<String>,
 }
 
 impl KubeSource {
@@ -37,7 +38,15 @@ impl KubeSource {
             client,
             tx,
             on_error,
+            node: None,
         }
+    }
+
+    /// Restricts the source to what a node agent needs: Namespaces, and Pods scheduled on
+    /// `node` (field selector `spec.nodeName`), so a DaemonSet does not mirror the cluster.
+    pub fn for_node(mut self, node: impl Into<String>) -> Self {
+        self.node = Some(node.into());
+        self
     }
 
     /// Runs until `shutdown`; sends `Synced` once every kind has been listed.
@@ -51,50 +60,24 @@ impl KubeSource {
             on_error: self.on_error.clone(),
             shutdown: shutdown.clone(),
         };
+        let all = watcher::Config::default();
         tasks.spawn(w.clone().run(
             Api::<Namespace>::all(c.clone()),
+            all.clone(),
             Kind::Namespace,
             Object::Namespace,
         ));
+        let pods = match &self.node {
+            Some(node) => watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            None => all.clone(),
+        };
         tasks.spawn(
             w.clone()
-                .run(Api::<Pod>::all(c.clone()), Kind::Pod, Object::Pod),
+                .run(Api::<Pod>::all(c.clone()), pods, Kind::Pod, Object::Pod),
         );
-        tasks.spawn(w.clone().run(
-            Api::<Service>::all(c.clone()),
-            Kind::Service,
-            Object::Service,
-        ));
-        tasks.spawn(w.clone().run(
-            Api::<EndpointSlice>::all(c.clone()),
-            Kind::EndpointSlice,
-            Object::EndpointSlice,
-        ));
-        tasks.spawn(w.clone().run(
-            Api::<ServiceAccount>::all(c.clone()),
-            Kind::ServiceAccount,
-            Object::ServiceAccount,
-        ));
-        tasks.spawn(w.clone().run(
-            Api::<ServiceEntry>::all(c.clone()),
-            Kind::ServiceEntry,
-            Object::ServiceEntry,
-        ));
-        tasks.spawn(w.clone().run(
-            Api::<WorkloadEntry>::all(c.clone()),
-            Kind::WorkloadEntry,
-            Object::WorkloadEntry,
-        ));
-        tasks.spawn(w.clone().run(
-            Api::<AuthorizationPolicy>::all(c.clone()),
-            Kind::AuthorizationPolicy,
-            Object::AuthorizationPolicy,
-        ));
-        tasks.spawn(w.clone().run(
-            Api::<PeerAuthentication>::all(c.clone()),
-            Kind::PeerAuthentication,
-            Object::PeerAuthentication,
-        ));
+        if self.node.is_none() {
+            self.spawn_cluster_kinds(&mut tasks, &w, &all);
+        }
         drop(w);
         let kinds = tasks.len();
         let mut synced = HashSet::new();
@@ -116,6 +99,53 @@ impl KubeSource {
         }
         tasks.shutdown().await;
     }
+
+    /// The kinds only the controller needs.
+    fn spawn_cluster_kinds(&self, tasks: &mut JoinSet<()>, w: &Watch, all: &watcher::Config) {
+        let c = &self.client;
+        tasks.spawn(w.clone().run(
+            Api::<Service>::all(c.clone()),
+            all.clone(),
+            Kind::Service,
+            Object::Service,
+        ));
+        tasks.spawn(w.clone().run(
+            Api::<EndpointSlice>::all(c.clone()),
+            all.clone(),
+            Kind::EndpointSlice,
+            Object::EndpointSlice,
+        ));
+        tasks.spawn(w.clone().run(
+            Api::<ServiceAccount>::all(c.clone()),
+            all.clone(),
+            Kind::ServiceAccount,
+            Object::ServiceAccount,
+        ));
+        tasks.spawn(w.clone().run(
+            Api::<ServiceEntry>::all(c.clone()),
+            all.clone(),
+            Kind::ServiceEntry,
+            Object::ServiceEntry,
+        ));
+        tasks.spawn(w.clone().run(
+            Api::<WorkloadEntry>::all(c.clone()),
+            all.clone(),
+            Kind::WorkloadEntry,
+            Object::WorkloadEntry,
+        ));
+        tasks.spawn(w.clone().run(
+            Api::<AuthorizationPolicy>::all(c.clone()),
+            all.clone(),
+            Kind::AuthorizationPolicy,
+            Object::AuthorizationPolicy,
+        ));
+        tasks.spawn(w.clone().run(
+            Api::<PeerAuthentication>::all(c.clone()),
+            all.clone(),
+            Kind::PeerAuthentication,
+            Object::PeerAuthentication,
+        ));
+    }
 }
 
 /// What every per-kind watch task shares.
@@ -128,11 +158,11 @@ struct Watch {
 }
 
 impl Watch {
-    async fn run<K>(self, api: Api<K>, kind: Kind, wrap: fn(K) -> Object)
+    async fn run<K>(self, api: Api<K>, config: watcher::Config, kind: Kind, wrap: fn(K) -> Object)
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     {
-        let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+        let stream = watcher::watcher(api, config).default_backoff();
         let mut stream = std::pin::pin!(stream);
         // Keys currently known to downstream, so a relist can delete what vanished meanwhile.
         let mut known = HashSet::new();

@@ -1,0 +1,11 @@
+//! The node agent: decides enrollment, programs in-pod redirection, serves ZDS to ztunnel.
+
+pub mod app;
+pub mod cluster;
+pub mod enroll;
+pub mod metrics;
+pub mod monitoring;
+pub mod netns;
+pub mod rules;
+pub mod server;
+pub mod zds;
