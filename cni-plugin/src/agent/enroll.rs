@@ -285,15 +285,31 @@ impl Enroller {
         self.after_change(&records).await;
     }
 
-    /// Re-checks every enrolled pod's redirection and re-applies what drifted.
+    /// Re-checks every enrolled pod's redirection and re-applies what drifted. Verification runs
+    /// without holding the records, so CNI requests are never queued behind a sweep.
     pub async fn repair(&self) {
-        let records = self.records.lock().await;
-        for (key, rec) in records.iter().filter(|(_, r)| r.enrolled) {
-            match rules::verify(&rec.netns.file, &self.cfg.redirect).await {
+        let enrolled: Vec<(PodKey, Arc<PodNetns>)> = {
+            let records = self.records.lock().await;
+            records
+                .iter()
+                .filter(|(_, r)| r.enrolled)
+                .map(|(k, r)| (k.clone(), r.netns.clone()))
+                .collect()
+        };
+        for (key, ns) in enrolled {
+            match rules::verify(&ns.file, &self.cfg.redirect).await {
                 Ok(Verification::Intact) => {}
                 Ok(drift) => {
+                    let records = self.records.lock().await;
+                    // Only if the pod is still enrolled with the same netns.
+                    let current = records
+                        .get(&key)
+                        .is_some_and(|r| r.enrolled && Arc::ptr_eq(&r.netns, &ns));
+                    if !current {
+                        continue;
+                    }
                     tracing::warn!(pod = %key, ?drift, "redirection drifted; repairing");
-                    match rules::apply(&rec.netns.file, &self.cfg.redirect).await {
+                    match rules::apply(&ns.file, &self.cfg.redirect).await {
                         Ok(()) => self.metrics.repairs.inc(),
                         Err(e) => {
                             self.metrics

@@ -439,3 +439,6 @@ impl Packets {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

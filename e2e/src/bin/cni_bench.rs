@@ -1,0 +1,147 @@
+//! CNI ADD latency with and without our chained plugin: N pod sandboxes wired by the bridge +
+//! host-local plugins alone, then N ambient and N non-ambient pods through bridge + mesh-cni with
+//! the real node agent, controller and ztunnel running. Prints p50/p99 and the added latency.
+//! Needs root; run via `scripts/cni-bench.sh`.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use e2e::cni::{CniNode, PodSandbox};
+use e2e::node::{Binaries, MeshNode};
+
+/// Measures CNI ADD latency (baseline chain vs chain with mesh-cni).
+#[derive(Parser)]
+struct Args {
+    /// Pods per scenario.
+    #[arg(long, default_value_t = 100)]
+    pods: usize,
+    /// Directory holding the mesh binaries (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// p50 and p99 of a set of durations, in milliseconds.
+fn percentiles(mut v: Vec<Duration>) -> (f64, f64) {
+    v.sort();
+    let at = |q: f64| {
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        v.get(i).map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0)
+    };
+    (at(0.50), at(0.99))
+}
+
+fn time_adds(cni: &CniNode, pods: &[PodSandbox]) -> anyhow::Result<Vec<Duration>> {
+    let mut out = Vec::with_capacity(pods.len());
+    for p in pods {
+        let start = Instant::now();
+        cni.add(p)
+            .map_err(|e| anyhow::anyhow!("ADD {}/{}: {e:?}", p.namespace, p.name))?;
+        out.push(start.elapsed());
+    }
+    Ok(out)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(e2e::require_root(), "needs root (network namespaces)");
+    let bin_dir = match args.bin_dir {
+        Some(d) => d,
+        None => std::env::current_exe()?
+            .parent()
+            .map(PathBuf::from)
+            .ok_or_else(|| anyhow::anyhow!("no binary directory"))?,
+    };
+    let bins = Binaries::in_dir(&bin_dir);
+    anyhow::ensure!(
+        args.pods <= 120,
+        "at most 120 pods (ambient + non-ambient share one /24)"
+    );
+
+    eprintln!("==> baseline: bridge + host-local only, {} pods", args.pods);
+    let dir = std::env::temp_dir().join("mesh-cni-bench-baseline");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut base = CniNode::new(
+        "cnb-base",
+        &dir,
+        (Ipv4Addr::new(10, 79, 1, 0), 24),
+        &bin_dir,
+        None,
+    );
+    let pods: Vec<_> = (0..args.pods)
+        .map(|i| base.sandbox("bench", &format!("p{i}")))
+        .collect();
+    let baseline = time_adds(&base, &pods)?;
+    drop(base);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    eprintln!("==> with mesh-cni: controller, node agent and ztunnel running");
+    let mut node = MeshNode::start(&bins, 80);
+    node.namespace("amb", true);
+    node.namespace("plain", false);
+    let mut amb = Vec::new();
+    let mut plain = Vec::new();
+    for i in 0..args.pods {
+        let a = node.cni.sandbox("amb", &format!("p{i}"));
+        node.write_pod(&a, "default", &[], None);
+        amb.push(a);
+        let p = node.cni.sandbox("plain", &format!("p{i}"));
+        node.write_pod(&p, "default", &[], None);
+        plain.push(p);
+    }
+    // The pods exist in the API before their sandboxes are created (kubelet acts on scheduled
+    // pods), so let the agent's watch catch up first, as it would have in a cluster.
+    std::thread::sleep(Duration::from_secs(2));
+    let ambient = time_adds(&node.cni, &amb)?;
+    let non_ambient = time_adds(&node.cni, &plain)?;
+    let enrolled = node.agent_metric("mesh_cni_enrolled_pods", &[]);
+    anyhow::ensure!(
+        enrolled as usize == args.pods,
+        "expected {} enrolled pods, agent reports {enrolled}",
+        args.pods
+    );
+
+    let (b50, b99) = percentiles(baseline);
+    let (a50, a99) = percentiles(ambient);
+    let (n50, n99) = percentiles(non_ambient);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "pods": args.pods,
+                "baseline_ms": {"p50": b50, "p99": b99},
+                "ambient_ms": {"p50": a50, "p99": a99},
+                "non_ambient_ms": {"p50": n50, "p99": n99},
+                "added_ambient_ms": {"p50": a50 - b50, "p99": a99 - b99},
+                "added_non_ambient_ms": {"p50": n50 - b50, "p99": n99 - b99},
+                "target_added_p99_ms": 20.0,
+            })
+        );
+    } else {
+        println!("CNI ADD latency over {} pods (ms)", args.pods);
+        println!("{:<34} {:>8} {:>8}", "", "p50", "p99");
+        println!(
+            "{:<34} {b50:>8.2} {b99:>8.2}",
+            "bridge + host-local (baseline)"
+        );
+        println!("{:<34} {a50:>8.2} {a99:>8.2}", "+ mesh-cni, ambient pod");
+        println!(
+            "{:<34} {n50:>8.2} {n99:>8.2}",
+            "+ mesh-cni, non-ambient pod"
+        );
+        println!(
+            "added by mesh-cni: ambient p50 {:+.2} p99 {:+.2}; non-ambient p50 {:+.2} p99 {:+.2} (target: p99 added < 20 ms) -> {}",
+            a50 - b50,
+            a99 - b99,
+            n50 - b50,
+            n99 - b99,
+            if a99 - b99 < 20.0 { "PASS" } else { "MISS" }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! End to end through `meshctl sandbox` with the real binaries: the quickstart on two nodes,
+//! mTLS identities, opt-out, L4 policy, PeerAuthentication, cross-node traffic, and a `down`
+//! that leaves nothing behind. Needs root. The sandbox's namespace names are fixed (`msb-*`),
+//! so everything runs in one test, in order.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Sandbox {
+    bin: PathBuf,
+    state: PathBuf,
+    up: bool,
+}
+
+impl Sandbox {
+    fn cmd(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .arg("sandbox")
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args)
+            .output()
+            .expect("run meshctl")
+    }
+
+    /// Runs a command that must succeed; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args);
+        assert!(
+            out.status.success(),
+            "meshctl sandbox {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `mesh-testapp call` from a pod; returns the JSON summary (also for failed calls).
+    fn call(&self, pod: &str, url: &str) -> Value {
+        let out = self.cmd(&[
+            "exec",
+            pod,
+            "--",
+            "mesh-testapp",
+            "call",
+            url,
+            "--count",
+            "2",
+            "--timeout",
+            "2s",
+            "--json",
+            "--allow-failures",
+        ]);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "call from {pod} to {url}: {e}\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    fn succeeds(&self, pod: &str, url: &str) -> bool {
+        let s = self.call(pod, url);
+        s["failed"].as_u64() == Some(0) && s["succeeded"].as_u64() == Some(2)
+    }
+
+    fn refused(&self, pod: &str, url: &str) -> bool {
+        let s = self.call(pod, url);
+        s["succeeded"].as_u64() == Some(0)
+    }
+
+    fn pods(&self) -> Vec<Value> {
+        serde_json::from_str(&self.ok(&["get", "pods", "-o", "json"])).expect("pods JSON")
+    }
+
+    fn pod(&self, ns: &str, name: &str) -> Value {
+        self.pods()
+            .into_iter()
+            .find(|p| p["namespace"] == ns && p["name"] == name)
+            .unwrap_or_else(|| panic!("pod {ns}/{name} listed"))
+    }
+
+    /// Sum of a ztunnel metric over every node.
+    fn ztunnel_metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut total = 0.0;
+        for node in ["msb-node0", "msb-node1"] {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    node,
+                    "curl",
+                    "-s",
+                    "http://127.0.0.1:15020/metrics",
+                ])
+                .output()
+                .expect("curl");
+            total += e2e::ztunnel::metric_sum(&String::from_utf8_lossy(&out.stdout), name, labels);
+        }
+        total
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.up {
+            let _ = self.cmd(&["down"]);
+        }
+    }
+}
+
+fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    false
+}
+
+fn quickstart(file: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/quickstart")
+        .join(file)
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn quickstart_mesh_end_to_end_through_the_sandbox() {
+    if !e2e::require_root() {
+        return;
+    }
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_meshctl"));
+    let state = std::env::temp_dir().join("meshctl-sandbox-e2e");
+    let mut sb = Sandbox {
+        bin,
+        state,
+        up: false,
+    };
+    let _ = sb.cmd(&["down"]);
+    sb.up = true;
+    sb.ok(&[
+        "up",
+        "--nodes",
+        "2",
+        "-f",
+        &quickstart("namespaces.yaml"),
+        "-f",
+        &quickstart("bookinfo.yaml"),
+        "-f",
+        &quickstart("clients.yaml"),
+    ]);
+
+    // Enrollment and identities.
+    let sleep = sb.pod("bookinfo", "sleep");
+    assert_eq!(sleep["ambient"], true, "{sleep}");
+    assert_eq!(
+        sleep["identity"],
+        "spiffe://cluster.local/ns/bookinfo/sa/sleep"
+    );
+    assert_eq!(
+        sb.pod("bookinfo", "notsecure")["ambient"],
+        false,
+        "opted-out pod stays plaintext"
+    );
+    assert_eq!(sb.pod("legacy", "legacy-sleep")["ambient"], false);
+
+    // The app works across nodes (productpage on node0 calls details and reviews v2/v3 on
+    // node1), and the destination sees the client's pod IP over mTLS with both identities.
+    let pp = "http://productpage.bookinfo.svc.cluster.local:9080/";
+    assert!(
+        eventually(Duration::from_secs(20), || sb
+            .succeeds("bookinfo/sleep", pp)),
+        "sleep -> productpage"
+    );
+    let one = sb.call("bookinfo/sleep", pp);
+    let body: Value =
+        serde_json::from_str(one["body"].as_str().unwrap_or("{}")).unwrap_or_default();
+    let _ = body;
+    let sleep_ip = sleep["ip"].as_str().unwrap().to_string();
+    let peers = one["peer_ips"].to_string();
+    assert!(
+        peers.contains(&sleep_ip),
+        "server saw the client pod IP {sleep_ip}: {one}"
+    );
+    let mtls = sb.ztunnel_metric(
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("security_policy", "mutual_tls"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/bookinfo/sa/sleep",
+            ),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage",
+            ),
+        ],
+    );
+    assert!(
+        mtls > 0.0,
+        "mutual_tls with both principals in ztunnel metrics"
+    );
+    let cross = sb.ztunnel_metric(
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("security_policy", "mutual_tls"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage",
+            ),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-details",
+            ),
+        ],
+    );
+    assert!(
+        cross > 0.0,
+        "productpage (node0) -> details (node1) over mTLS"
+    );
+
+    // L4 policy: allow-nothing, then an ALLOW for one principal.
+    let reviews = "http://reviews.bookinfo.svc.cluster.local:9080/";
+    sb.ok(&["apply", "-f", &quickstart("try/deny-all.yaml")]);
+    assert!(
+        eventually(Duration::from_secs(15), || sb.refused("bookinfo/sleep", pp)),
+        "allow-nothing refuses"
+    );
+    sb.ok(&["apply", "-f", &quickstart("try/allow-productpage.yaml")]);
+    assert!(
+        eventually(Duration::from_secs(15), || sb
+            .succeeds("bookinfo/productpage-v1", reviews)),
+        "the named service account is admitted"
+    );
+    assert!(
+        sb.refused("bookinfo/sleep", reviews),
+        "any other identity is refused"
+    );
+    sb.ok(&["delete", "-f", &quickstart("try/allow-productpage.yaml")]);
+    sb.ok(&["delete", "-f", &quickstart("try/deny-all.yaml")]);
+    assert!(eventually(Duration::from_secs(15), || sb
+        .succeeds("bookinfo/sleep", pp)));
+
+    // PeerAuthentication: STRICT refuses the legacy (plaintext) client, PERMISSIVE admits it.
+    assert!(
+        sb.succeeds("legacy/legacy-sleep", pp),
+        "plaintext allowed by default"
+    );
+    sb.ok(&["apply", "-f", &quickstart("try/strict-mtls.yaml")]);
+    assert!(
+        eventually(Duration::from_secs(15), || sb
+            .refused("legacy/legacy-sleep", pp)),
+        "STRICT refuses plaintext"
+    );
+    assert!(
+        sb.succeeds("bookinfo/sleep", pp),
+        "mesh clients unaffected by STRICT"
+    );
+    let permissive = std::env::temp_dir().join("meshctl-e2e-permissive.yaml");
+    std::fs::write(
+        &permissive,
+        std::fs::read_to_string(quickstart("try/strict-mtls.yaml"))
+            .unwrap()
+            .replace("mode: STRICT", "mode: PERMISSIVE"),
+    )
+    .unwrap();
+    sb.ok(&["apply", "-f", &permissive.to_string_lossy()]);
+    assert!(
+        eventually(Duration::from_secs(15), || sb
+            .succeeds("legacy/legacy-sleep", pp)),
+        "PERMISSIVE admits plaintext"
+    );
+
+    // DENY by namespace, once legacy is in the mesh.
+    sb.ok(&["apply", "-f", &quickstart("try/legacy-ambient.yaml")]);
+    assert!(eventually(Duration::from_secs(15), || sb
+        .pod("legacy", "legacy-sleep")["ambient"]
+        == true));
+    sb.ok(&["apply", "-f", &quickstart("try/deny-legacy.yaml")]);
+    assert!(
+        eventually(Duration::from_secs(15), || sb
+            .refused("legacy/legacy-sleep", pp)),
+        "DENY by namespace"
+    );
+    assert!(sb.succeeds("bookinfo/sleep", pp));
+
+    // down leaves nothing behind.
+    sb.ok(&["down"]);
+    sb.up = false;
+    let netns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(!netns.contains("msb-"), "netns left: {netns}");
+    assert!(!sb.state.exists(), "state dir removed");
+    let etc: Vec<_> = std::fs::read_dir("/etc/netns")
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        etc.iter().all(|n| !n.to_string_lossy().starts_with("msb-")),
+        "/etc/netns entries left: {etc:?}"
+    );
+}
