@@ -18,6 +18,9 @@ use super::rules::{self, RedirectConfig, Verification};
 use super::zds::{Delivery, ZdsHub, ZdsPod};
 use crate::protocol::{Outcome, PluginCommand, PluginRequest, PluginResponse};
 
+/// File under the state dir holding the pod records.
+const STATE_FILE: &str = "pods.json";
+
 /// What the enroller needs to know.
 #[derive(Clone, Debug)]
 pub struct EnrollConfig {
@@ -59,6 +62,7 @@ pub struct Enroller {
     hub: ZdsHub,
     metrics: Metrics,
     records: Mutex<BTreeMap<PodKey, Record>>,
+    persist: watch::Sender<Arc<Vec<SavedRecord>>>,
 }
 
 impl Enroller {
@@ -70,6 +74,9 @@ impl Enroller {
         hub: ZdsHub,
         metrics: Metrics,
     ) -> Self {
+        let (persist, snapshots) = watch::channel(Arc::new(Vec::new()));
+        // Owned through `persist`: the writer ends once the enroller is dropped.
+        tokio::spawn(write_state(cfg.state_dir.clone(), snapshots));
         Self {
             cfg,
             view,
@@ -77,6 +84,7 @@ impl Enroller {
             hub,
             metrics,
             records: Mutex::new(BTreeMap::new()),
+            persist,
         }
     }
 
@@ -128,6 +136,7 @@ impl Enroller {
             namespace: req.pod_namespace.clone(),
             name: req.pod_name.clone(),
         };
+        let start = Instant::now();
         let result = match req.command {
             PluginCommand::Add => self.cni_add(&key, &req).await,
             PluginCommand::Del => self.cni_del(&key, &req).await,
@@ -146,6 +155,7 @@ impl Enroller {
                 }
             }
         };
+        tracing::info!(pod = %key, command = ?req.command, outcome = ?resp.outcome, elapsed = ?start.elapsed(), "plugin request");
         self.metrics
             .plugin_requests
             .with_label_values(&[
@@ -342,13 +352,6 @@ impl Enroller {
 
     async fn enroll(&self, key: &PodKey, rec: &mut Record) -> Result<(), String> {
         let start = Instant::now();
-        if let Err(e) = rules::apply(&rec.netns.file, &self.cfg.redirect).await {
-            self.metrics
-                .enrollment_failures
-                .with_label_values(&["rules"])
-                .inc();
-            return Err(format!("installing redirection for pod {key}: {e}"));
-        }
         let pod = ZdsPod {
             uid: rec.uid.clone(),
             name: key.name.clone(),
@@ -361,7 +364,22 @@ impl Enroller {
                     .map_err(|e| format!("duplicating netns fd: {e}"))?,
             ),
         };
-        match self.hub.add(pod).await {
+        // Both at once: ztunnel binding its listeners in the pod does not depend on the rules,
+        // and until the rules exist nothing is captured (so nothing can bypass).
+        let (rules, handed) = tokio::join!(
+            rules::apply(&rec.netns.file, &self.cfg.redirect),
+            self.hub.add(pod)
+        );
+        if let Err(e) = rules {
+            // Without redirection ztunnel must not keep serving the pod as enrolled.
+            let _ = self.hub.del(&rec.uid).await;
+            self.metrics
+                .enrollment_failures
+                .with_label_values(&["rules"])
+                .inc();
+            return Err(format!("installing redirection for pod {key}: {e}"));
+        }
+        match handed {
             Ok(delivery) => {
                 rec.enrolled = true;
                 self.metrics
@@ -421,7 +439,7 @@ impl Enroller {
     }
 
     fn state_file(&self) -> PathBuf {
-        self.cfg.state_dir.join("pods.json")
+        self.cfg.state_dir.join(STATE_FILE)
     }
 
     /// Updates the gauge and persists the records.
@@ -441,11 +459,20 @@ impl Enroller {
                 enrolled: r.enrolled,
             })
             .collect();
-        let path = self.state_file();
-        let tmp = path.with_extension("json.tmp");
-        let body = serde_json::to_vec_pretty(&saved).unwrap_or_default();
+        // Written by a background task: CNI requests never wait for the disk.
+        let _ = self.persist.send(Arc::new(saved));
+    }
+}
+
+/// Writes the newest record snapshot whenever it changes, until the enroller goes away.
+async fn write_state(dir: PathBuf, mut snapshots: watch::Receiver<Arc<Vec<SavedRecord>>>) {
+    let path = dir.join(STATE_FILE);
+    let tmp = path.with_extension("json.tmp");
+    while snapshots.changed().await.is_ok() {
+        let saved = snapshots.borrow_and_update().clone();
+        let body = serde_json::to_vec_pretty(&*saved).unwrap_or_default();
         let write = async {
-            tokio::fs::create_dir_all(&self.cfg.state_dir).await?;
+            tokio::fs::create_dir_all(&dir).await?;
             tokio::fs::write(&tmp, body).await?;
             tokio::fs::rename(&tmp, &path).await
         };

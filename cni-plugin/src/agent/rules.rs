@@ -175,19 +175,31 @@ pub fn ruleset(cfg: &RedirectConfig) -> String {
 pub async fn apply(netns: &File, cfg: &RedirectConfig) -> Result<(), RulesError> {
     let ns = netns.as_fd();
     let eff = effective(netns, cfg).await?;
-    // Routing first, so marked packets have somewhere to go once the rules are live.
-    for &fam in families(&eff) {
-        let n = matching_rules(ns, fam).await?;
-        if n == 0 {
-            run_ok(ns, IP, &rule_args(fam, "add"), None).await?;
-        }
-        // Duplicates (from a racing writer) are harmless but untidy.
-        for _ in 1..n {
-            run_ok(ns, IP, &rule_args(fam, "del"), None).await?;
-        }
-        run_ok(ns, IP, &route_args(fam, "replace"), None).await?;
-    }
-    run_ok(ns, NFT, &["-f", "-"], Some(&ruleset(&eff))).await?;
+    // Policy routing over rtnetlink in-process: spawning `ip` per rule dominated enrollment
+    // latency. Order does not matter: packets are only marked once both are in place for a
+    // connection ztunnel spoofs, which needs ztunnel's listeners first.
+    let fd = netns.try_clone().map_err(|source| RulesError::Netns {
+        what: "duplicating the netns fd",
+        source,
+    })?;
+    let v6 = eff.ipv6;
+    let routing = async {
+        tokio::task::spawn_blocking(move || super::routing::ensure(&fd, v6))
+            .await
+            .map_err(|e| RulesError::Netns {
+                what: "programming policy routing",
+                source: io::Error::other(e.to_string()),
+            })?
+            .map_err(|source| RulesError::Netns {
+                what: "programming policy routing (fwmark rule, local route)",
+                source,
+            })
+    };
+    // The nft transaction and the routing are independent; run them side by side.
+    let text = ruleset(&eff);
+    let (routed, nft) = tokio::join!(routing, run_ok(ns, NFT, &["-f", "-"], Some(&text)));
+    routed?;
+    nft?;
     Ok(())
 }
 

@@ -3,7 +3,6 @@
 //! the real node agent, controller and ztunnel running. Prints p50/p99 and the added latency.
 //! Needs root; run via `scripts/cni-bench.sh`.
 
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -62,43 +61,53 @@ fn main() -> anyhow::Result<()> {
         "at most 120 pods (ambient + non-ambient share one /24)"
     );
 
-    eprintln!("==> baseline: bridge + host-local only, {} pods", args.pods);
-    let dir = std::env::temp_dir().join("mesh-cni-bench-baseline");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let mut base = CniNode::new(
-        "cnb-base",
-        &dir,
-        (Ipv4Addr::new(10, 79, 1, 0), 24),
-        &bin_dir,
-        None,
+    eprintln!(
+        "==> {} pods each: bridge + host-local alone (baseline), then + mesh-cni for ambient and \
+         non-ambient pods, interleaved on one node with the controller, node agent and ztunnel running",
+        args.pods
     );
-    let pods: Vec<_> = (0..args.pods)
-        .map(|i| base.sandbox("bench", &format!("p{i}")))
-        .collect();
-    let baseline = time_adds(&base, &pods)?;
-    drop(base);
-    let _ = std::fs::remove_dir_all(&dir);
-
-    eprintln!("==> with mesh-cni: controller, node agent and ztunnel running");
     let mut node = MeshNode::start(&bins, 80);
     node.namespace("amb", true);
     node.namespace("plain", false);
+    let with_mesh = node.cni.conflist.clone();
+    let mut without_mesh = with_mesh.clone();
+    if let Some(plugins) = without_mesh["plugins"].as_array_mut() {
+        plugins.retain(|p| p["type"] != "mesh-cni");
+    }
+    let mut base = Vec::new();
     let mut amb = Vec::new();
     let mut plain = Vec::new();
     for i in 0..args.pods {
-        let a = node.cni.sandbox("amb", &format!("p{i}"));
-        node.write_pod(&a, "default", &[], None);
-        amb.push(a);
-        let p = node.cni.sandbox("plain", &format!("p{i}"));
-        node.write_pod(&p, "default", &[], None);
-        plain.push(p);
+        for (ns, list) in [
+            ("base", &mut base),
+            ("amb", &mut amb),
+            ("plain", &mut plain),
+        ] {
+            let p = node.cni.sandbox(ns, &format!("p{i}"));
+            node.write_pod(&p, "default", &[], None);
+            list.push(p);
+        }
     }
     // The pods exist in the API before their sandboxes are created (kubelet acts on scheduled
     // pods), so let the agent's watch catch up first, as it would have in a cluster.
     std::thread::sleep(Duration::from_secs(2));
-    let ambient = time_adds(&node.cni, &amb)?;
-    let non_ambient = time_adds(&node.cni, &plain)?;
+    let (mut baseline, mut ambient, mut non_ambient) = (Vec::new(), Vec::new(), Vec::new());
+    // Interleaved, so background noise hits every scenario alike.
+    for i in 0..args.pods {
+        node.cni.conflist = without_mesh.clone();
+        baseline.extend(time_adds(&node.cni, &base[i..=i])?);
+        // Baseline sandboxes give their address back, so 2 x pods fit the node's /24.
+        node.cni
+            .del(&base[i])
+            .map_err(|e| anyhow::anyhow!("DEL baseline pod: {e:?}"))?;
+        node.cni.conflist = with_mesh.clone();
+        ambient.extend(time_adds(&node.cni, &amb[i..=i])?);
+        non_ambient.extend(time_adds(&node.cni, &plain[i..=i])?);
+    }
+    if std::env::var_os("CNI_BENCH_KEEP_LOG").is_some() {
+        let log = node.agent.as_ref().map(|a| a.log()).unwrap_or_default();
+        std::fs::write("/tmp/cni-bench-agent.log", log)?;
+    }
     let enrolled = node.agent_metric("mesh_cni_enrolled_pods", &[]);
     anyhow::ensure!(
         enrolled as usize == args.pods,
