@@ -41,6 +41,13 @@ struct Record {
     enrolled: bool,
 }
 
+/// Runs `f`, also returning how long it took (for the enrollment log line).
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let t = Instant::now();
+    let r = f.await;
+    (r, t.elapsed())
+}
+
 /// What survives an agent restart.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -366,9 +373,9 @@ impl Enroller {
         };
         // Both at once: ztunnel binding its listeners in the pod does not depend on the rules,
         // and until the rules exist nothing is captured (so nothing can bypass).
-        let (rules, handed) = tokio::join!(
-            rules::apply(&rec.netns.file, &self.cfg.redirect),
-            self.hub.add(pod)
+        let ((rules, rules_took), (handed, zds_took)) = tokio::join!(
+            timed(rules::apply(&rec.netns.file, &self.cfg.redirect)),
+            timed(self.hub.add(pod))
         );
         if let Err(e) = rules {
             // Without redirection ztunnel must not keep serving the pod as enrolled.
@@ -388,7 +395,7 @@ impl Enroller {
                 if delivery == Delivery::Queued {
                     tracing::info!(pod = %key, "enrolled; no ztunnel connected yet, traffic is held until one is");
                 } else {
-                    tracing::info!(pod = %key, elapsed = ?start.elapsed(), "enrolled");
+                    tracing::info!(pod = %key, elapsed = ?start.elapsed(), rules = ?rules_took, ztunnel = ?zds_took, "enrolled");
                 }
                 Ok(())
             }

@@ -28,8 +28,9 @@ pub const TABLE: u32 = 100;
 /// Priority of the fwmark rule.
 pub const PREF: u32 = 32764;
 
-/// Installs the rule and route in the netns `netns` (IPv6 too when `v6`); idempotent. Blocking:
-/// enters the namespace on a throw-away thread.
+/// Installs the rule and route in the netns `netns` (IPv6 too when `v6`) and turns on
+/// `net.ipv4.tcp_migrate_req` (covers IPv6 too) so ztunnel upgrades drop no queued connection;
+/// idempotent. Blocking: enters the namespace on a throw-away thread.
 pub fn ensure(netns: &File, v6: bool) -> io::Result<()> {
     let fd = netns.try_clone()?;
     std::thread::Builder::new()
@@ -51,6 +52,10 @@ pub fn ensure(netns: &File, v6: bool) -> io::Result<()> {
                     false,
                 )?;
             }
+            // When ztunnel is upgraded, the old process closes its SO_REUSEPORT listeners in the
+            // pod; without this, connections still in their accept queues are reset instead of
+            // moving to the new ztunnel's listeners.
+            std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")?;
             Ok(())
         })?
         .join()

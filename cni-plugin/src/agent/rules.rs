@@ -171,6 +171,19 @@ pub fn ruleset(cfg: &RedirectConfig) -> String {
     out
 }
 
+/// The nft text that creates the table only if it does not exist yet: the whole transaction
+/// fails with EEXIST otherwise. Creating is several times cheaper than replacing (no hooks to
+/// unregister, so no RCU grace period inside the commit), and a new pod has no table.
+pub fn create_ruleset(cfg: &RedirectConfig) -> String {
+    let full = ruleset(cfg);
+    let body = full
+        .lines()
+        .skip_while(|l| l.starts_with("add table") || l.starts_with("delete table"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    format!("create table inet {TABLE}\n{body}\n")
+}
+
 /// Programs redirection in the pod netns; idempotent.
 pub async fn apply(netns: &File, cfg: &RedirectConfig) -> Result<(), RulesError> {
     let ns = netns.as_fd();
@@ -196,8 +209,20 @@ pub async fn apply(netns: &File, cfg: &RedirectConfig) -> Result<(), RulesError>
             })
     };
     // The nft transaction and the routing are independent; run them side by side.
-    let text = ruleset(&eff);
-    let (routed, nft) = tokio::join!(routing, run_ok(ns, NFT, &["-f", "-"], Some(&text)));
+    let nft = async {
+        // Fast path for a pod without our table; replace atomically when one exists.
+        let created = run(ns, NFT, &["-f", "-"], Some(&create_ruleset(&eff))).await?;
+        if created.status.success() {
+            return Ok(());
+        }
+        if !String::from_utf8_lossy(&created.stderr).contains("File exists") {
+            return Err(failed(NFT, &["-f", "-"], &created));
+        }
+        run_ok(ns, NFT, &["-f", "-"], Some(&ruleset(&eff)))
+            .await
+            .map(drop)
+    };
+    let (routed, nft) = tokio::join!(routing, nft);
     routed?;
     nft?;
     Ok(())
@@ -572,6 +597,18 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn create_ruleset_only_creates_and_fails_if_the_table_exists() {
+        let cfg = RedirectConfig::default();
+        let text = create_ruleset(&cfg);
+        assert!(text.starts_with("create table inet istio-ambient\ntable inet istio-ambient {"));
+        assert!(!text.contains("delete table"));
+        // Same table body as the replacing transaction.
+        assert!(
+            ruleset(&cfg).ends_with(text.trim_start_matches("create table inet istio-ambient\n"))
+        );
+    }
     use std::path::PathBuf;
 
     fn testdata() -> PathBuf {
