@@ -64,6 +64,12 @@ pub enum SandboxCommand {
     Get(GetArgs),
     /// Print the log of a component or pod.
     Logs(LogsArgs),
+    /// Print the Prometheus metrics of a component.
+    Metrics(MetricsArgs),
+    /// Stop ztunnel or the node agent (SIGTERM, wait for exit) and start it again.
+    Restart(RestartArgs),
+    /// Rolling upgrade of ztunnel: start a new one beside the old one, then drain the old one.
+    Upgrade(UpgradeArgs),
     /// Stop everything and remove every namespace, process and file the sandbox created.
     Down(DownArgs),
 }
@@ -197,6 +203,109 @@ pub struct LogsArgs {
     pub follow: bool,
 }
 
+/// Flags of `metrics`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example: meshctl sandbox metrics ztunnel-node1 | grep istio_tcp_connections_opened"
+)]
+pub struct MetricsArgs {
+    /// `controller`, `agent-<node>`, `ztunnel-<node>`, or `agent` / `ztunnel` for every node
+    /// (each node's text preceded by a `# node <name>` comment). ztunnel's metrics are read
+    /// from wherever the node's current ztunnel serves them (the port moves on upgrades).
+    pub component: String,
+}
+
+/// A per-node component.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NodeComponent {
+    /// The node proxy.
+    Ztunnel,
+    /// The node agent (mesh-cni-agent).
+    Agent,
+}
+
+impl NodeComponent {
+    /// Name used in logs and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ztunnel => "ztunnel",
+            Self::Agent => "agent",
+        }
+    }
+}
+
+/// Flags of `restart`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Each selected node in turn: SIGTERM (ztunnel stops accepting at once and \
+    drains open connections for up to 2s), wait for the process to exit (SIGKILL after \
+    --drain-timeout), start it again with the same flags and environment, wait until it is \
+    ready. While a node's ztunnel is down, its pods' connections are refused (the pods' \
+    redirection stays in place: traffic never bypasses the mesh). After an agent restart, also \
+    waits until ztunnel has reconnected to it over ZDS.\n\n\
+    Example: meshctl sandbox restart ztunnel --node node1"
+)]
+pub struct RestartArgs {
+    /// What to restart.
+    #[arg(value_enum)]
+    pub component: NodeComponent,
+
+    /// Node to restart it on (repeatable) [default: every node, one after the other].
+    #[arg(long = "node", value_name = "NODE")]
+    pub nodes: Vec<String>,
+
+    /// How long the old process may take to exit after SIGTERM before it is killed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// How long to wait for the new process to become ready.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// What `upgrade` can upgrade.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum UpgradeComponent {
+    /// The node proxy.
+    Ztunnel,
+}
+
+/// Flags of `upgrade`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Each selected node in turn, as a DaemonSet rolling update with surge would: \
+    start a second ztunnel with the same configuration (binary from the sandbox's binary \
+    directory, so a rebuilt ztunnel is picked up), its admin/metrics/readiness ports moved \
+    (15000/15020/15021 and 15100/15120/15121 alternate, since those listeners cannot be shared); \
+    the node agent hands every pod to the newest ZDS connection and sends it a snapshot, and \
+    the in-pod listeners (15001/15006/15008) use SO_REUSEPORT, so both serve. Once the new \
+    ztunnel is ready and listens in every enrolled pod of the node, the old one gets SIGTERM: \
+    it stops accepting, lets open connections finish within its drain deadline (2s) and exits. \
+    Fails if it has not exited within --drain-timeout (it is then killed). Connections still \
+    queued on the old listeners when they close move to the new ones only with \
+    net.ipv4.tcp_migrate_req=1 in the pod namespace (else they are reset; a warning names such \
+    pods).\n\n\
+    Example: meshctl sandbox upgrade ztunnel --node node0"
+)]
+pub struct UpgradeArgs {
+    /// What to upgrade.
+    #[arg(value_enum)]
+    pub component: UpgradeComponent,
+
+    /// Node to upgrade it on (repeatable) [default: every node, one after the other].
+    #[arg(long = "node", value_name = "NODE")]
+    pub nodes: Vec<String>,
+
+    /// How long the old ztunnel may take to drain and exit after SIGTERM before it is killed
+    /// (and the upgrade reported as failed).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// How long to wait for the new ztunnel to become ready and take over the node's pods.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
 /// Flags of `down`.
 #[derive(Debug, Args)]
 pub struct DownArgs {
@@ -255,6 +364,36 @@ mod tests {
         };
         assert_eq!(g.resource, Resource::Services);
         assert_eq!(g.output, Output::Json);
+    }
+
+    #[test]
+    fn restart_and_upgrade_take_repeatable_nodes() {
+        let cli = Cli::try_parse_from([
+            "meshctl", "sandbox", "restart", "agent", "--node", "node0", "--node", "node1",
+        ])
+        .unwrap();
+        let TopCommand::Sandbox(s) = cli.command;
+        let SandboxCommand::Restart(r) = s.command else {
+            panic!("not restart")
+        };
+        assert_eq!(r.component, NodeComponent::Agent);
+        assert_eq!(r.nodes, ["node0", "node1"]);
+        let cli = Cli::try_parse_from([
+            "meshctl",
+            "sandbox",
+            "upgrade",
+            "ztunnel",
+            "--drain-timeout",
+            "3s",
+        ])
+        .unwrap();
+        let TopCommand::Sandbox(s) = cli.command;
+        let SandboxCommand::Upgrade(u) = s.command else {
+            panic!("not upgrade")
+        };
+        assert!(u.nodes.is_empty(), "no --node means every node");
+        assert_eq!(u.drain_timeout, Duration::from_secs(3));
+        assert!(Cli::try_parse_from(["meshctl", "sandbox", "upgrade", "agent"]).is_err());
     }
 
     #[test]

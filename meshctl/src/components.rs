@@ -8,6 +8,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
 
 use crate::netns;
 use crate::network::{CONTROL_PLANE_NETNS, CONTROLLER_IP};
@@ -24,6 +25,47 @@ pub const AGENT_MONITORING_PORT: u16 = 15114;
 pub const ZTUNNEL_READY_PORT: u16 = 15021;
 /// ztunnel admin port (127.0.0.1; /config_dump).
 pub const ZTUNNEL_ADMIN_PORT: u16 = 15000;
+/// ztunnel metrics port.
+pub const ZTUNNEL_STATS_PORT: u16 = 15020;
+
+/// A ztunnel's admin, metrics and readiness ports in its node's namespace. During an upgrade
+/// two ztunnels share the namespace and these listeners do not share ports, so upgrades
+/// alternate between the standard set and the standard set + 100.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZtunnelPorts {
+    /// Admin API on 127.0.0.1 (/config_dump).
+    pub admin: u16,
+    /// Prometheus metrics (/metrics).
+    pub stats: u16,
+    /// Readiness (/healthz/ready).
+    pub readiness: u16,
+}
+
+impl Default for ZtunnelPorts {
+    fn default() -> Self {
+        Self {
+            admin: ZTUNNEL_ADMIN_PORT,
+            stats: ZTUNNEL_STATS_PORT,
+            readiness: ZTUNNEL_READY_PORT,
+        }
+    }
+}
+
+impl ZtunnelPorts {
+    /// Offset of the alternate set.
+    const SHIFT: u16 = 100;
+
+    /// The set the next ztunnel on the node uses while this one still runs.
+    pub fn other(self) -> Self {
+        let shift = |p: u16, std: u16| if p == std { std + Self::SHIFT } else { std };
+        let d = Self::default();
+        Self {
+            admin: shift(self.admin, d.admin),
+            stats: shift(self.stats, d.stats),
+            readiness: shift(self.readiness, d.readiness),
+        }
+    }
+}
 
 /// The mesh binaries the sandbox runs.
 pub const MESH_BINARIES: &[&str] = &[
@@ -200,9 +242,11 @@ pub fn start_agent(dir: &StateDir, state: &State, node: &NodeState) -> anyhow::R
     )
 }
 
-/// Starts ztunnel on `node`, fetching config and certificates from the controller.
+/// Starts ztunnel on `node` with the node's `ztunnel_ports`, fetching config and certificates
+/// from the controller.
 pub fn start_ztunnel(dir: &StateDir, state: &State, node: &NodeState) -> anyhow::Result<Started> {
     let n = &node.name;
+    let ports = node.ztunnel_ports;
     let xds = format!("https://{CONTROLLER_IP}:{XDS_PORT}");
     let root = s(dir.root_cert());
     let mut env = base_env(state);
@@ -220,6 +264,9 @@ pub fn start_ztunnel(dir: &StateDir, state: &State, node: &NodeState) -> anyhow:
             ("PROXY_MODE", "shared".into()),
             ("INPOD_UDS", s(dir.ztunnel_socket(n))),
             ("DRAIN_DURATION", "2s".into()),
+            ("ADMIN_ADDR", format!("127.0.0.1:{}", ports.admin)),
+            ("STATS_ADDR", format!("[::]:{}", ports.stats)),
+            ("READINESS_ADDR", format!("[::]:{}", ports.readiness)),
         ]
         .map(|(k, v)| (k.to_string(), v)),
     );
@@ -231,7 +278,7 @@ pub fn start_ztunnel(dir: &StateDir, state: &State, node: &NodeState) -> anyhow:
         Vec::new(),
         env,
         (
-            SocketAddr::from(([127, 0, 0, 1], ZTUNNEL_READY_PORT)),
+            SocketAddr::from(([127, 0, 0, 1], ports.readiness)),
             "/healthz/ready",
         ),
     )
@@ -266,16 +313,39 @@ pub fn wait_ready(c: &mut Started, timeout: Duration) -> anyhow::Result<Duration
     }
 }
 
+/// GET `path` from ztunnel's admin (`/config_dump`) or metrics (`/metrics`) port on `node`,
+/// wherever the node's current ztunnel serves it; the body of a 200.
+pub fn ztunnel_get(node: &NodeState, path: &str) -> anyhow::Result<String> {
+    let ports = node.ztunnel_ports;
+    let port = if path.starts_with("/metrics") || path.starts_with("/stats") {
+        ports.stats
+    } else {
+        ports.admin
+    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let (status, body) = netns::http_get(&node.netns, addr, path, Duration::from_secs(5))
+        .with_context(|| format!("GET {path} from ztunnel on {} (:{port})", node.name))?;
+    if status != 200 {
+        bail!("ztunnel on {} answered {status} for {path}", node.name);
+    }
+    Ok(body)
+}
+
 /// ztunnel's /config_dump on `node`.
 pub fn ztunnel_config_dump(node: &NodeState) -> anyhow::Result<serde_json::Value> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], ZTUNNEL_ADMIN_PORT));
-    let (status, body) = netns::http_get(&node.netns, addr, "/config_dump", Duration::from_secs(5))
-        .with_context(|| format!("reading ztunnel's config_dump on {}", node.name))?;
-    if status != 200 {
-        bail!(
-            "ztunnel on {} answered {status} for /config_dump",
-            node.name
-        );
-    }
+    let body = ztunnel_get(node, "/config_dump")?;
     serde_json::from_str(&body).context("parsing ztunnel's config_dump")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upgrades_alternate_between_two_port_sets() {
+        let std = ZtunnelPorts::default();
+        let alt = std.other();
+        assert_eq!((alt.admin, alt.stats, alt.readiness), (15100, 15120, 15121));
+        assert_eq!(alt.other(), std);
+    }
 }

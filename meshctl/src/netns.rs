@@ -177,16 +177,61 @@ pub fn listening_tcp_ports(ns: &str) -> std::io::Result<BTreeSet<u16>> {
     })
 }
 
-/// Local ports of LISTEN (state 0A) sockets in /proc/net/tcp format.
-fn parse_listening(text: &str) -> impl Iterator<Item = u16> + '_ {
+/// Fields of the LISTEN (state 0A) lines in /proc/net/tcp format, with their local port.
+fn listen_lines(text: &str) -> impl Iterator<Item = (u16, Vec<&str>)> + '_ {
     text.lines().skip(1).filter_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         if f.get(3) != Some(&"0A") {
             return None;
         }
-        let port = f.get(1)?.rsplit_once(':')?.1;
-        u16::from_str_radix(port, 16).ok()
+        let port = u16::from_str_radix(f.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+        Some((port, f))
     })
+}
+
+/// Local ports of LISTEN sockets in /proc/net/tcp format.
+fn parse_listening(text: &str) -> impl Iterator<Item = u16> + '_ {
+    listen_lines(text).map(|(port, _)| port)
+}
+
+/// (local port, socket inode) of LISTEN sockets in /proc/net/tcp format.
+fn parse_listeners(text: &str) -> impl Iterator<Item = (u16, u64)> + '_ {
+    listen_lines(text).filter_map(|(port, f)| Some((port, f.get(9)?.parse().ok()?)))
+}
+
+/// (port, socket inode) of every TCP listener inside namespace `ns`; with the inodes of a
+/// process's sockets this tells which process listens where (SO_REUSEPORT lets several).
+pub fn tcp_listeners(ns: &str) -> std::io::Result<Vec<(u16, u64)>> {
+    in_netns(ns, || {
+        let mut out = Vec::new();
+        for f in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+            if let Ok(text) = std::fs::read_to_string(f) {
+                out.extend(parse_listeners(&text));
+            }
+        }
+        out
+    })
+}
+
+/// Number of connected unix sockets inside namespace `ns` bound to `socket_path` — on a
+/// listening socket's path, the connections it accepted (e.g. ztunnels on the ZDS socket).
+pub fn unix_connections(ns: &str, socket_path: &std::path::Path) -> std::io::Result<usize> {
+    let want = socket_path.to_string_lossy().into_owned();
+    in_netns(ns, move || {
+        std::fs::read_to_string("/proc/thread-self/net/unix")
+            .map(|text| count_connected_unix(&text, &want))
+    })?
+}
+
+/// Counts lines of /proc/net/unix in state connected (St 03) whose path is `path`.
+fn count_connected_unix(text: &str, path: &str) -> usize {
+    text.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(5) == Some(&"03") && f.get(7) == Some(&path)
+        })
+        .count()
 }
 
 /// True if namespace `ns` has nft table `<family> <table>`.
@@ -227,5 +272,25 @@ mod tests {
            1: 0100007F:3A98 0100007F:1F90 01 00000000:00000000 00:00000000 00000000\n";
         let ports: Vec<u16> = parse_listening(text).collect();
         assert_eq!(ports, vec![8080]);
+    }
+
+    #[test]
+    fn listeners_carry_their_socket_inode() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+           0: 00000000:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0\n\
+           1: 00000000:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4343 1 0\n\
+           2: 0100007F:3A98 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 4444 1 0\n";
+        let got: Vec<(u16, u64)> = parse_listeners(text).collect();
+        assert_eq!(got, vec![(15001, 4242), (15001, 4343)]);
+    }
+
+    #[test]
+    fn counts_accepted_connections_on_a_unix_socket_path() {
+        let text = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+            0000000000000000: 00000002 00000000 00010000 0005 01 100 /run/z.sock\n\
+            0000000000000000: 00000003 00000000 00000000 0005 03 101 /run/z.sock\n\
+            0000000000000000: 00000003 00000000 00000000 0005 03 102\n\
+            0000000000000000: 00000003 00000000 00000000 0005 03 103 /run/other.sock\n";
+        assert_eq!(count_connected_unix(text, "/run/z.sock"), 1);
     }
 }

@@ -53,6 +53,7 @@ pub fn plan_node(i: u8) -> NodeState {
         pod_subnet: pod_subnet(i),
         agent: None,
         ztunnel: None,
+        ztunnel_ports: Default::default(),
     }
 }
 

@@ -141,6 +141,47 @@ fn wait_gone(records: &[ProcessRecord], timeout: Duration) -> bool {
     }
 }
 
+/// SIGTERM to one process, then up to `grace` for it to exit; SIGKILL if it did not. Returns
+/// how long it took and whether it exited by itself.
+pub fn stop(record: &ProcessRecord, grace: Duration) -> (Duration, bool) {
+    let started = Instant::now();
+    record.signal(Signal::SIGTERM);
+    if wait_gone(std::slice::from_ref(record), grace) {
+        return (started.elapsed(), true);
+    }
+    record.signal(Signal::SIGKILL);
+    wait_gone(std::slice::from_ref(record), Duration::from_secs(3));
+    (started.elapsed(), false)
+}
+
+/// Inodes of the sockets a process holds open (from /proc/<pid>/fd).
+pub fn socket_inodes(pid: i32) -> BTreeSet<u64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return BTreeSet::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| parse_socket_link(&l.to_string_lossy()))
+        .collect()
+}
+
+/// Parses an fd link target `socket:[12345]`.
+fn parse_socket_link(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// Appends a line marking what meshctl did to a component's log (several processes of one
+/// component may write to the same log during a restart or upgrade).
+pub fn note(log: &Path, what: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = File::options().create(true).append(true).open(log) {
+        let _ = writeln!(f, "--- meshctl: {what} ---");
+    }
+}
+
 /// The inode identifying a network namespace file (e.g. /var/run/netns/<name>).
 pub fn netns_inode(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.ino())
@@ -202,6 +243,29 @@ mod tests {
             ..me
         };
         assert!(!other.alive());
+    }
+
+    #[test]
+    fn stop_terminates_a_child_and_reports_a_clean_exit() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let r = ProcessRecord::of(child.id()).unwrap();
+        // Reap in the background so the exited child does not linger as a zombie we own.
+        let reaper = std::thread::spawn(move || child.wait());
+        let (took, clean) = stop(&r, Duration::from_secs(5));
+        assert!(clean, "sleep exits on SIGTERM");
+        assert!(took < Duration::from_secs(5));
+        assert!(!r.alive());
+        reaper.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn own_sockets_are_found_by_inode() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let inodes = socket_inodes(std::process::id() as i32);
+        assert!(!inodes.is_empty(), "the listener is a socket fd");
+        drop(l);
+        assert_eq!(parse_socket_link("socket:[77]"), Some(77));
+        assert_eq!(parse_socket_link("pipe:[77]"), None);
     }
 
     #[test]

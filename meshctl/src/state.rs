@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::components::ZtunnelPorts;
 pub use crate::names::{NsName, ObjectId};
 use crate::processes::ProcessRecord;
 
@@ -225,6 +226,9 @@ pub struct NodeState {
     pub agent: Option<ProcessRecord>,
     /// ztunnel.
     pub ztunnel: Option<ProcessRecord>,
+    /// Where that ztunnel serves admin, metrics and readiness (moves on every upgrade).
+    #[serde(default)]
+    pub ztunnel_ports: ZtunnelPorts,
 }
 
 /// Lifecycle of a pod as the sandbox's kubelet sees it.
@@ -469,6 +473,7 @@ mod tests {
                 start_time: 7,
             }),
             ztunnel: None,
+            ztunnel_ports: ZtunnelPorts::default(),
         });
         for i in [1, 0, 10] {
             let id = NsName::new("demo", format!("echo-{i}"));
@@ -522,6 +527,16 @@ mod tests {
             "pods keyed by ns/name: {text}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn state_without_ztunnel_ports_means_the_standard_set() {
+        let old: NodeState = serde_json::from_str(
+            r#"{"name":"node0","index":0,"netns":"msb-node0","ip":"172.30.0.10",
+                "pod_subnet":"10.244.0.0","agent":null,"ztunnel":null}"#,
+        )
+        .unwrap();
+        assert_eq!(old.ztunnel_ports, ZtunnelPorts::default());
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! End to end through `meshctl sandbox` with the real binaries: the quickstart on two nodes,
-//! mTLS identities, opt-out, L4 policy, PeerAuthentication, cross-node traffic, and a `down`
-//! that leaves nothing behind. Needs root. The sandbox's namespace names are fixed (`msb-*`),
-//! so everything runs in one test, in order.
+//! mTLS identities, opt-out, L4 policy, PeerAuthentication, cross-node traffic, ztunnel restart
+//! and rolling upgrade under load, policy closing live connections, and a `down` that leaves
+//! nothing behind. Needs root. The sandbox's namespace names are fixed (`msb-*`), so everything
+//! runs in one test, in order.
+
+mod lifecycle;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -40,6 +43,12 @@ impl Sandbox {
 
     /// `mesh-testapp call` from a pod; returns the JSON summary (also for failed calls).
     fn call(&self, pod: &str, url: &str) -> Value {
+        self.call_n(pod, url, 2, 1)
+    }
+
+    /// `mesh-testapp call --count N --concurrency C` from a pod; the JSON summary.
+    fn call_n(&self, pod: &str, url: &str, count: u32, concurrency: u32) -> Value {
+        let (count, concurrency) = (count.to_string(), concurrency.to_string());
         let out = self.cmd(&[
             "exec",
             pod,
@@ -48,7 +57,9 @@ impl Sandbox {
             "call",
             url,
             "--count",
-            "2",
+            &count,
+            "--concurrency",
+            &concurrency,
             "--timeout",
             "2s",
             "--json",
@@ -86,22 +97,16 @@ impl Sandbox {
 
     /// Sum of a ztunnel metric over every node.
     fn ztunnel_metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut total = 0.0;
-        for node in ["msb-node0", "msb-node1"] {
-            let out = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    node,
-                    "curl",
-                    "-s",
-                    "http://127.0.0.1:15020/metrics",
-                ])
-                .output()
-                .expect("curl");
-            total += e2e::ztunnel::metric_sum(&String::from_utf8_lossy(&out.stdout), name, labels);
-        }
-        total
+        ["node0", "node1"]
+            .iter()
+            .map(|n| self.node_metric(n, name, labels))
+            .sum()
+    }
+
+    /// Sum of a metric of one node's ztunnel (`meshctl sandbox metrics` finds its port).
+    fn node_metric(&self, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.ok(&["metrics", &format!("ztunnel-{node}")]);
+        e2e::ztunnel::metric_sum(&text, name, labels)
     }
 }
 
@@ -293,6 +298,9 @@ fn quickstart_mesh_end_to_end_through_the_sandbox() {
         "DENY by namespace"
     );
     assert!(sb.succeeds("bookinfo/sleep", pp));
+
+    // ztunnel restart and rolling upgrade under load, policy closing a live connection.
+    lifecycle::run(&sb);
 
     // down leaves nothing behind.
     sb.ok(&["down"]);

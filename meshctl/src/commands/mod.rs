@@ -6,7 +6,10 @@ pub mod down;
 pub mod exec;
 pub mod get;
 pub mod logs;
+pub mod metrics;
+pub mod restart;
 pub mod up;
+pub mod upgrade;
 
 use std::fs::File;
 use std::process::ExitCode;
@@ -27,6 +30,9 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         SandboxCommand::Exec(a) => exec::run(&dir, a),
         SandboxCommand::Get(a) => get::run(&dir, a).map(|_| ExitCode::SUCCESS),
         SandboxCommand::Logs(a) => logs::run(&dir, a).map(|_| ExitCode::SUCCESS),
+        SandboxCommand::Metrics(a) => metrics::run(&dir, a).map(|_| ExitCode::SUCCESS),
+        SandboxCommand::Restart(a) => restart::run(&dir, a).map(|_| ExitCode::SUCCESS),
+        SandboxCommand::Upgrade(a) => upgrade::run(&dir, a).map(|_| ExitCode::SUCCESS),
         SandboxCommand::Down(a) => down::run(&dir, a).map(|_| ExitCode::SUCCESS),
     }
 }
