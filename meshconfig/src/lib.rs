@@ -5,4 +5,5 @@
 pub mod config;
 pub mod crd;
 pub mod enrollment;
+pub mod pod;
 pub mod source;

@@ -128,29 +128,10 @@ impl ClusterView {
 }
 
 fn facts(ns: Option<&Namespace>, pod: &Pod) -> PodFacts {
-    let status = pod.status.as_ref();
-    let mut ips: Vec<IpAddr> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.ip.parse().ok())
-        .collect();
-    if ips.is_empty()
-        && let Some(ip) = status
-            .and_then(|s| s.pod_ip.as_ref())
-            .and_then(|i| i.parse().ok())
-    {
-        ips.push(ip);
-    }
     PodFacts {
         uid: pod.metadata.uid.clone().unwrap_or_default(),
-        service_account: pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into()),
-        ips,
+        service_account: meshconfig::pod::service_account(pod),
+        ips: meshconfig::pod::pod_ips(pod),
         captured: pod_captured(ns, pod),
     }
 }

@@ -49,24 +49,8 @@ impl PodInfo {
         let name = meta.name.clone().unwrap_or_default();
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
-        let mut ips: Vec<IpAddr> = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.ip.parse().ok())
-            .collect();
-        if ips.is_empty()
-            && let Some(ip) = status
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|s| s.parse().ok())
-        {
-            ips.push(ip);
-        }
-        ips.dedup();
-        let service_account = spec
-            .and_then(|s| s.service_account_name.clone().or(s.service_account.clone()))
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into());
+        let ips = meshconfig::pod::pod_ips(pod);
+        let service_account = meshconfig::pod::service_account(pod);
         let ready = status
             .and_then(|s| s.conditions.as_ref())
             .into_iter()
