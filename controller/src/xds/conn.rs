@@ -1,30 +1,24 @@
 //! One proxy's delta-ADS stream: subscriptions per type, what the proxy holds, nonces, and the
 //! debounced, coalesced pushes computed from the shared store.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
-use xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 
 use super::Shared;
 use super::metrics::type_label;
-use super::store::{Changes, Entry, ResourceStore};
+use super::subscription::{Chunk, Next, Watch};
 use crate::ca::Caller;
 
 /// Nonces remembered per type while waiting for their ACK; older ones count as stale.
 const MAX_OUTSTANDING: usize = 256;
-/// Resources per response. Large pushes (a proxy's initial sync) are split so no single message
-/// is megabytes: gRPC keeps each stream's encode buffer at its largest message for the stream's
-/// whole life, which with many proxies dominated the controller's memory.
-const MAX_RESOURCES_PER_RESPONSE: usize = 200;
-/// The subscription name meaning "everything of this type".
-const WILDCARD: &str = "*";
 
 /// Counters of one connection, readable while it runs.
 pub(crate) struct ConnectionStats {
@@ -71,140 +65,6 @@ impl ConnectionStats {
             acks: self.acks.load(Ordering::Relaxed),
             nacks: self.nacks.load(Ordering::Relaxed),
         }
-    }
-}
-
-/// Subscription and delivery state of one type on one stream.
-#[derive(Default)]
-struct Watch {
-    wildcard: bool,
-    /// Explicit (on-demand) names, possibly aliases.
-    names: HashSet<String>,
-    /// What the proxy holds: name -> version (sent by us, or declared on reconnect).
-    sent: HashMap<String, String>,
-    /// Store generation this watch is up to date with.
-    seen: u64,
-    /// Compare the whole store instead of the change log.
-    full: bool,
-    /// The first response is owed even if empty (proxies wait for it to become ready).
-    initial: bool,
-    /// Explicitly requested names to answer (found -> resource, missing -> removed).
-    requested: BTreeSet<String>,
-    /// Nonces sent and not yet ACKed/NACKed, oldest first.
-    outstanding: VecDeque<String>,
-}
-
-impl Watch {
-    fn subscribed(&self, name: &str, e: &Entry) -> bool {
-        self.wildcard
-            || self.names.contains(name)
-            || e.aliases.iter().any(|a| self.names.contains(a))
-    }
-
-    fn has_work(&self, due: bool, store: &ResourceStore, type_url: &str) -> bool {
-        self.full
-            || self.initial
-            || !self.requested.is_empty()
-            || (due && store.type_generation(type_url) > self.seen)
-    }
-
-    /// Computes the next response of this type; `None` when there is nothing to say.
-    fn build(
-        &mut self,
-        type_url: &str,
-        store: &ResourceStore,
-    ) -> Option<(Vec<Resource>, Vec<String>, Option<Instant>)> {
-        let mut updates: BTreeMap<String, Resource> = BTreeMap::new();
-        let mut removed: BTreeSet<String> = BTreeSet::new();
-        let mut oldest = None;
-        let resource = |name: &str, e: &Entry, aliases: Vec<String>| Resource {
-            name: name.to_string(),
-            version: e.version.clone(),
-            resource: Some(e.resource.clone()),
-            aliases,
-            ..Default::default()
-        };
-        let changes = if self.full {
-            Changes::Truncated
-        } else {
-            store.changes_since(type_url, self.seen)
-        };
-        match changes {
-            Changes::Truncated => {
-                for (name, e) in store.iter(type_url) {
-                    if self.subscribed(name, e) && self.sent.get(name) != Some(&e.version) {
-                        updates.insert(name.to_string(), resource(name, e, self.aliases_of(e)));
-                    }
-                }
-                for name in self.sent.keys() {
-                    if store.get(type_url, name).is_none() {
-                        removed.insert(name.clone());
-                    }
-                }
-            }
-            Changes::Names(names, at) => {
-                oldest = at;
-                for name in names {
-                    match store.get(type_url, name) {
-                        Some(e) => {
-                            if self.subscribed(name, e) && self.sent.get(name) != Some(&e.version) {
-                                updates.insert(
-                                    name.to_string(),
-                                    resource(name, e, self.aliases_of(e)),
-                                );
-                            }
-                        }
-                        None => {
-                            if self.sent.contains_key(name) {
-                                removed.insert(name.to_string());
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // Explicit requests are always answered, even when the proxy already holds the
-        // resource, so an on-demand lookup never waits for a change that will not come.
-        for key in std::mem::take(&mut self.requested) {
-            match store.resolve(type_url, &key) {
-                Some((name, e)) => {
-                    let r = updates
-                        .entry(name.to_string())
-                        .or_insert_with(|| resource(name, e, Vec::new()));
-                    if key != name && !r.aliases.contains(&key) {
-                        r.aliases.push(key);
-                    }
-                }
-                None => {
-                    removed.insert(key);
-                }
-            }
-        }
-        self.seen = store.generation();
-        self.full = false;
-        let initial = std::mem::take(&mut self.initial);
-        if updates.is_empty() && removed.is_empty() && !initial {
-            return None;
-        }
-        for r in updates.values() {
-            self.sent.insert(r.name.clone(), r.version.clone());
-        }
-        for name in &removed {
-            self.sent.remove(name);
-        }
-        Some((
-            updates.into_values().collect(),
-            removed.into_iter().collect(),
-            oldest,
-        ))
-    }
-
-    fn aliases_of(&self, e: &Entry) -> Vec<String> {
-        e.aliases
-            .iter()
-            .filter(|a| self.names.contains(*a))
-            .cloned()
-            .collect()
     }
 }
 
@@ -317,8 +177,16 @@ impl Connection {
                 // coalesced diff later instead of a growing backlog.
                 permit = tx.reserve(), if has_work => match permit {
                     Ok(permit) => {
-                        let batch = self.build(due);
-                        due = false;
+                        let Some(batch) = self.build(due) else {
+                            // Dropping the stream makes the proxy reconnect and declare what
+                            // it holds; that full comparison replaces the lost change log.
+                            tracing::warn!(conn = self.id, node = %self.node_id, "proxy fell behind the change log; closing its stream so it resyncs");
+                            self.shared.metrics.resyncs.inc();
+                            break;
+                        };
+                        // A large push goes out a chunk per turn; the debounce that started it
+                        // stays due until it is all out, so later changes follow it.
+                        due = due && self.watches.values().any(Watch::busy);
                         if !batch.is_empty() {
                             permit.send(batch);
                         }
@@ -353,52 +221,15 @@ impl Connection {
             ..
         } = req;
         let Some(w) = self.watches.get_mut(&type_url) else {
-            // First request of a type: empty list (or "*") means wildcard; the proxy's
-            // current versions let us send only the differences.
-            let wildcard = resource_names_subscribe.is_empty()
-                || resource_names_subscribe.iter().any(|n| n == WILDCARD);
-            let names: HashSet<String> = resource_names_subscribe
-                .into_iter()
-                .filter(|n| n != WILDCARD)
-                .collect();
-            let w = Watch {
-                wildcard,
-                requested: names.iter().cloned().collect(),
-                names,
-                sent: initial_resource_versions,
-                full: true,
-                initial: true,
-                ..Default::default()
-            };
-            self.watches.insert(type_url, w);
+            self.watches.insert(
+                type_url,
+                Watch::first(resource_names_subscribe, initial_resource_versions),
+            );
             return;
         };
-        for name in resource_names_subscribe {
-            if name == WILDCARD {
-                w.wildcard = true;
-                w.full = true;
-            } else {
-                w.names.insert(name.clone());
-                w.requested.insert(name);
-            }
-        }
+        w.subscribe(resource_names_subscribe);
         let store = self.shared.read();
-        for name in resource_names_unsubscribe {
-            if name == WILDCARD {
-                w.wildcard = false;
-                continue;
-            }
-            w.names.remove(&name);
-            w.requested.remove(&name);
-            if !w.wildcard {
-                // Forget it so a later subscription sends it again.
-                let real = store
-                    .resolve(&type_url, &name)
-                    .map(|(n, _)| n.to_string())
-                    .unwrap_or(name);
-                w.sent.remove(&real);
-            }
-        }
+        w.unsubscribe(resource_names_unsubscribe, &type_url, &store);
     }
 
     fn on_ack(&mut self, req: &DeltaDiscoveryRequest) {
@@ -436,8 +267,9 @@ impl Connection {
         }
     }
 
-    /// Builds the responses owed now, one per type with something to say.
-    fn build(&mut self, due: bool) -> Vec<DeltaDiscoveryResponse> {
+    /// Builds the responses owed now, at most one chunk per type; `None` when the proxy
+    /// must reconnect to resync.
+    fn build(&mut self, due: bool) -> Option<Vec<DeltaDiscoveryResponse>> {
         let shared = self.shared.clone();
         let store = shared.read();
         let mut out = Vec::new();
@@ -445,8 +277,14 @@ impl Connection {
             if !w.has_work(due, &store, type_url) {
                 continue;
             }
-            let Some((resources, removed, oldest)) = w.build(type_url, &store) else {
-                continue;
+            let Chunk {
+                resources,
+                removed,
+                oldest,
+            } = match w.next(type_url, &store) {
+                Next::Nothing => continue,
+                Next::Resync => return None,
+                Next::Send(chunk) => chunk,
             };
             let label = type_label(type_url);
             let m = &shared.metrics;
@@ -455,54 +293,36 @@ impl Connection {
                     .with_label_values(&[label])
                     .observe(at.elapsed().as_secs_f64());
             }
-            // Removals ride on the last chunk; an empty response still answers an initial request.
-            let mut chunks: Vec<Vec<Resource>> = Vec::new();
-            let mut rest = resources.into_iter().peekable();
-            while rest.peek().is_some() {
-                chunks.push(rest.by_ref().take(MAX_RESOURCES_PER_RESPONSE).collect());
+            self.nonce += 1;
+            let nonce = format!("{:08x}-{}-{}", shared.nonce_prefix, self.id, self.nonce);
+            w.outstanding.push_back(nonce.clone());
+            if w.outstanding.len() > MAX_OUTSTANDING {
+                w.outstanding.pop_front();
             }
-            if chunks.is_empty() {
-                chunks.push(Vec::new());
-            }
-            let last = chunks.len() - 1;
-            let mut removed = Some(removed);
-            for (i, resources) in chunks.into_iter().enumerate() {
-                let removed = if i == last {
-                    removed.take().unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
-                self.nonce += 1;
-                let nonce = format!("{:08x}-{}-{}", shared.nonce_prefix, self.id, self.nonce);
-                w.outstanding.push_back(nonce.clone());
-                if w.outstanding.len() > MAX_OUTSTANDING {
-                    w.outstanding.pop_front();
-                }
-                let count = (resources.len() + removed.len()) as u64;
-                m.pushes.with_label_values(&[label]).inc();
-                m.resources_sent.with_label_values(&[label]).inc_by(count);
-                self.stats.responses.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .resources_sent
-                    .fetch_add(count, Ordering::Relaxed);
-                tracing::debug!(
-                    conn = self.id,
-                    node = %self.node_id,
-                    type_url = %type_url,
-                    %nonce,
-                    updated = resources.len(),
-                    removed = removed.len(),
-                    "xDS push"
-                );
-                out.push(DeltaDiscoveryResponse {
-                    system_version_info: store.generation().to_string(),
-                    resources,
-                    type_url: type_url.clone(),
-                    removed_resources: removed,
-                    nonce,
-                });
-            }
+            let count = (resources.len() + removed.len()) as u64;
+            m.pushes.with_label_values(&[label]).inc();
+            m.resources_sent.with_label_values(&[label]).inc_by(count);
+            self.stats.responses.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .resources_sent
+                .fetch_add(count, Ordering::Relaxed);
+            tracing::debug!(
+                conn = self.id,
+                node = %self.node_id,
+                type_url = %type_url,
+                %nonce,
+                updated = resources.len(),
+                removed = removed.len(),
+                "xDS push"
+            );
+            out.push(DeltaDiscoveryResponse {
+                system_version_info: store.generation().to_string(),
+                resources,
+                type_url: type_url.clone(),
+                removed_resources: removed,
+                nonce,
+            });
         }
-        out
+        Some(out)
     }
 }

@@ -1,6 +1,8 @@
 //! Prometheus metrics of the xDS server.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// Counters and gauges describing connected proxies and pushes.
 #[derive(Clone, Debug)]
@@ -15,6 +17,8 @@ pub struct XdsMetrics {
     pub nacks: IntCounterVec,
     /// Resources (updates plus removals) sent, by type.
     pub resources_sent: IntCounterVec,
+    /// Streams closed because the proxy fell behind the change log (it reconnects and resyncs).
+    pub resyncs: IntCounter,
 }
 
 impl XdsMetrics {
@@ -26,6 +30,7 @@ impl XdsMetrics {
         registry.register(Box::new(m.push_latency.clone()))?;
         registry.register(Box::new(m.nacks.clone()))?;
         registry.register(Box::new(m.resources_sent.clone()))?;
+        registry.register(Box::new(m.resyncs.clone()))?;
         Ok(m)
     }
 
@@ -61,6 +66,10 @@ impl XdsMetrics {
                     "Resources (updates and removals) sent to proxies",
                 ),
                 by_type,
+            )?,
+            resyncs: IntCounter::new(
+                "controller_xds_resyncs_total",
+                "Streams closed so a proxy that fell behind the change log resyncs",
             )?,
         })
     }

@@ -6,6 +6,7 @@ mod conn;
 mod metrics;
 mod serve;
 mod store;
+mod subscription;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -143,9 +144,9 @@ impl XdsServer {
         removals: Vec<String>,
     ) -> usize {
         // Hashing and alias extraction happen before taking the lock.
-        let entries: Vec<(String, Entry)> = upserts
+        let entries: Vec<Entry> = upserts
             .into_iter()
-            .map(|(name, any)| (name, Entry::new(type_url, any)))
+            .map(|(name, any)| Entry::new(type_url, name, any))
             .collect();
         let now = Instant::now();
         let (changed, generation) = {
@@ -167,8 +168,8 @@ impl XdsServer {
             .shared
             .read()
             .iter(type_url)
-            .filter(|(n, _)| !keep.contains(n))
-            .map(|(n, _)| n.to_string())
+            .filter(|e| !keep.contains(e.name.as_str()))
+            .map(|e| e.name.clone())
             .collect();
         self.update(type_url, resources, removals)
     }

@@ -13,17 +13,21 @@ use xds::istio::workload::{Address, address};
 /// One published resource.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
+    /// Resource name (a workload uid, `<ns>/<hostname>`, `<ns>/<policy>`).
+    pub name: String,
     /// Version string: a hash of the type URL and the encoded bytes.
     pub version: String,
     /// The resource body.
     pub resource: prost_types::Any,
     /// Other names a client may subscribe to this resource by.
     pub aliases: Vec<String>,
+    /// Store generation at which this content was stored (0 until stored).
+    pub generation: u64,
 }
 
 impl Entry {
     /// Builds an entry, computing its version and (for Addresses) its aliases.
-    pub fn new(type_url: &str, resource: prost_types::Any) -> Self {
+    pub fn new(type_url: &str, name: String, resource: prost_types::Any) -> Self {
         let version = content_version(&resource);
         let aliases = if type_url == xds::ADDRESS_TYPE {
             address_aliases(&resource.value)
@@ -31,9 +35,11 @@ impl Entry {
             Vec::new()
         };
         Self {
+            name,
             version,
             resource,
             aliases,
+            generation: 0,
         }
     }
 }
@@ -92,6 +98,9 @@ struct Change {
     generation: u64,
     name: String,
     at: Instant,
+    /// Whether the resource existed just before this change, so a proxy that was up to date
+    /// before it can be told "removed" only for names it actually holds.
+    existed_before: bool,
 }
 
 #[derive(Debug, Default)]
@@ -120,8 +129,9 @@ impl TypeResources {
 /// What changed for one type since a generation.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Changes<'a> {
-    /// The names touched (updated or removed) and when the oldest of those changes happened.
-    Names(BTreeSet<&'a str>, Option<Instant>),
+    /// The names touched (updated or removed), each with whether it existed at the generation
+    /// asked about, and when the oldest of those changes happened.
+    Names(BTreeMap<&'a str, bool>, Option<Instant>),
     /// The log no longer reaches back that far: compare against everything.
     Truncated,
 }
@@ -154,43 +164,48 @@ impl ResourceStore {
     pub fn apply(
         &mut self,
         type_url: &str,
-        upserts: Vec<(String, Entry)>,
+        upserts: Vec<Entry>,
         removals: Vec<String>,
         now: Instant,
     ) -> usize {
         let ty = self.types.entry(type_url.to_string()).or_default();
-        let mut changed = Vec::new();
-        for (name, entry) in upserts {
-            if let Some(old) = ty.resources.get(&name) {
-                if old.version == entry.version {
-                    continue;
+        let mut count = 0;
+        let mut log = |log: &mut VecDeque<Change>, name: String, existed_before: bool| {
+            self.generation += 1;
+            count += 1;
+            log.push_back(Change {
+                generation: self.generation,
+                name,
+                at: now,
+                existed_before,
+            });
+            self.generation
+        };
+        for mut entry in upserts {
+            let name = entry.name.clone();
+            let existed = match ty.resources.get(&name) {
+                Some(old) if old.version == entry.version => continue,
+                Some(old) => {
+                    let old = old.clone();
+                    ty.unlink_aliases(&name, &old);
+                    true
                 }
-                let old = old.clone();
-                ty.unlink_aliases(&name, &old);
-            }
+                None => false,
+            };
             for alias in &entry.aliases {
                 ty.aliases
                     .entry(alias.clone())
                     .or_default()
                     .insert(name.clone());
             }
-            ty.resources.insert(name.clone(), Arc::new(entry));
-            changed.push(name);
+            entry.generation = log(&mut ty.log, name.clone(), existed);
+            ty.resources.insert(name, Arc::new(entry));
         }
         for name in removals {
             if let Some(old) = ty.resources.remove(&name) {
                 ty.unlink_aliases(&name, &old);
-                changed.push(name);
+                log(&mut ty.log, name, true);
             }
-        }
-        let count = changed.len();
-        for name in changed {
-            self.generation += 1;
-            ty.log.push_back(Change {
-                generation: self.generation,
-                name,
-                at: now,
-            });
         }
         while ty.log.len() > self.log_capacity {
             if let Some(c) = ty.log.pop_front() {
@@ -201,33 +216,47 @@ impl ResourceStore {
     }
 
     /// The resource called `name`.
-    pub fn get(&self, type_url: &str, name: &str) -> Option<&Entry> {
-        self.types.get(type_url)?.resources.get(name).map(|e| &**e)
+    pub fn get(&self, type_url: &str, name: &str) -> Option<&Arc<Entry>> {
+        self.types.get(type_url)?.resources.get(name)
     }
 
     /// The resource called `key`, or carrying `key` as an alias; returns its real name.
-    pub fn resolve(&self, type_url: &str, key: &str) -> Option<(&str, &Entry)> {
+    pub fn resolve(&self, type_url: &str, key: &str) -> Option<&Arc<Entry>> {
         let ty = self.types.get(type_url)?;
-        if let Some((name, e)) = ty.resources.get_key_value(key) {
-            return Some((name.as_str(), &**e));
+        if let Some(e) = ty.resources.get(key) {
+            return Some(e);
         }
         let name = ty.aliases.get(key)?.iter().next()?;
-        let (name, e) = ty.resources.get_key_value(name)?;
-        Some((name.as_str(), &**e))
+        ty.resources.get(name)
     }
 
     /// Every resource of a type, by name.
-    pub fn iter(&self, type_url: &str) -> impl Iterator<Item = (&str, &Entry)> {
+    pub fn iter(&self, type_url: &str) -> impl Iterator<Item = &Arc<Entry>> {
         self.types
             .get(type_url)
             .into_iter()
-            .flat_map(|t| t.resources.iter().map(|(n, e)| (n.as_str(), &**e)))
+            .flat_map(|t| t.resources.values())
+    }
+
+    /// Resources of a type in name order, starting after `after` (from the first when `None`).
+    pub(crate) fn iter_after<'a>(
+        &'a self,
+        type_url: &str,
+        after: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Arc<Entry>> + 'a {
+        use std::ops::Bound;
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.types
+            .get(type_url)
+            .into_iter()
+            .flat_map(move |t| t.resources.range::<str, _>((lower, Bound::Unbounded)))
+            .map(|(_, e)| e)
     }
 
     /// Name -> version of every resource of a type.
     pub fn versions(&self, type_url: &str) -> BTreeMap<String, String> {
         self.iter(type_url)
-            .map(|(n, e)| (n.to_string(), e.version.clone()))
+            .map(|e| (e.name.clone(), e.version.clone()))
             .collect()
     }
 
@@ -244,16 +273,17 @@ impl ResourceStore {
     /// Names of `type_url` changed after generation `since`.
     pub(crate) fn changes_since(&self, type_url: &str, since: u64) -> Changes<'_> {
         let Some(ty) = self.types.get(type_url) else {
-            return Changes::Names(BTreeSet::new(), None);
+            return Changes::Names(BTreeMap::new(), None);
         };
         if since < ty.log_floor {
             return Changes::Truncated;
         }
         let start = ty.log.partition_point(|c| c.generation <= since);
-        let mut names = BTreeSet::new();
+        let mut names = BTreeMap::new();
         let mut oldest: Option<Instant> = None;
         for c in ty.log.range(start..) {
-            names.insert(c.name.as_str());
+            // The first change after `since` tells whether the name existed at `since`.
+            names.entry(c.name.as_str()).or_insert(c.existed_before);
             oldest = Some(oldest.map_or(c.at, |o| o.min(c.at)));
         }
         Changes::Names(names, oldest)
@@ -280,54 +310,66 @@ mod tests {
         }
     }
 
-    fn entry(v: &[u8]) -> Entry {
-        Entry::new("t", any(v))
+    fn entry(name: &str, v: &[u8]) -> Entry {
+        Entry::new("t", name.into(), any(v))
     }
 
     #[test]
     fn identical_content_is_not_a_change_and_keeps_its_version() {
         let mut s = ResourceStore::new(10);
         let now = Instant::now();
-        assert_eq!(
-            s.apply("t", vec![("a".into(), entry(b"1"))], vec![], now),
-            1
-        );
+        assert_eq!(s.apply("t", vec![entry("a", b"1")], vec![], now), 1);
         let v1 = s.get("t", "a").unwrap().version.clone();
-        assert_eq!(
-            s.apply("t", vec![("a".into(), entry(b"1"))], vec![], now),
-            0
-        );
+        assert_eq!(s.apply("t", vec![entry("a", b"1")], vec![], now), 0);
         assert_eq!(s.generation(), 1);
-        assert_eq!(
-            s.apply("t", vec![("a".into(), entry(b"2"))], vec![], now),
-            1
-        );
+        assert_eq!(s.apply("t", vec![entry("a", b"2")], vec![], now), 1);
         assert_ne!(s.get("t", "a").unwrap().version, v1);
         // Versions depend on content only, so a restarted server computes the same ones.
-        assert_eq!(entry(b"1").version, v1);
+        assert_eq!(entry("a", b"1").version, v1);
     }
 
     #[test]
     fn change_log_reports_touched_names_and_truncation() {
         let mut s = ResourceStore::new(2);
         let now = Instant::now();
-        s.apply("t", vec![("a".into(), entry(b"1"))], vec![], now);
+        s.apply("t", vec![entry("a", b"1")], vec![], now);
         let g = s.generation();
-        s.apply("t", vec![("b".into(), entry(b"1"))], vec!["a".into()], now);
+        s.apply("t", vec![entry("b", b"1")], vec!["a".into()], now);
+        // `a` existed at `g` (a proxy holding it must hear of its removal); `b` did not.
         match s.changes_since("t", g) {
-            Changes::Names(n, Some(_)) => assert_eq!(n, BTreeSet::from(["a", "b"])),
+            Changes::Names(n, Some(_)) => {
+                assert_eq!(n, BTreeMap::from([("a", true), ("b", false)]))
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(
             s.changes_since("t", s.generation()),
-            Changes::Names(BTreeSet::new(), None)
+            Changes::Names(BTreeMap::new(), None)
         );
         // The first change fell out of the 2-entry log.
         assert_eq!(s.changes_since("t", 0), Changes::Truncated);
         assert_eq!(
             s.changes_since("other", 0),
-            Changes::Names(BTreeSet::new(), None)
+            Changes::Names(BTreeMap::new(), None)
         );
+    }
+
+    #[test]
+    fn a_name_created_and_removed_after_a_generation_did_not_exist_then() {
+        let mut s = ResourceStore::new(10);
+        let now = Instant::now();
+        s.apply("t", vec![entry("keep", b"1")], vec![], now);
+        let g = s.generation();
+        s.apply("t", vec![entry("d", b"1")], vec![], now);
+        s.apply("t", vec![entry("d", b"2")], vec![], now);
+        s.apply("t", vec![], vec!["d".into()], now);
+        s.apply("t", vec![], vec!["keep".into()], now);
+        match s.changes_since("t", g) {
+            Changes::Names(n, _) => {
+                assert_eq!(n, BTreeMap::from([("d", false), ("keep", true)]))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -354,9 +396,10 @@ mod tests {
                 ..Default::default()
             })),
         };
-        let mk = |a: &Address| {
+        let mk = |name: &str, a: &Address| {
             Entry::new(
                 xds::ADDRESS_TYPE,
+                name.into(),
                 prost_types::Any {
                     type_url: xds::ADDRESS_TYPE.into(),
                     value: a.encode_to_vec(),
@@ -367,16 +410,13 @@ mod tests {
         let t = xds::ADDRESS_TYPE;
         s.apply(
             t,
-            vec![
-                ("c//v1/Pod/ns/p".into(), mk(&w)),
-                ("ns/svc".into(), mk(&svc)),
-            ],
+            vec![mk("c//v1/Pod/ns/p", &w), mk("ns/svc", &svc)],
             vec![],
             Instant::now(),
         );
-        assert_eq!(s.resolve(t, "net/10.0.0.9").unwrap().0, "c//v1/Pod/ns/p");
-        assert_eq!(s.resolve(t, "/fd00::1").unwrap().0, "ns/svc");
-        assert_eq!(s.resolve(t, "ns/svc").unwrap().0, "ns/svc");
+        assert_eq!(s.resolve(t, "net/10.0.0.9").unwrap().name, "c//v1/Pod/ns/p");
+        assert_eq!(s.resolve(t, "/fd00::1").unwrap().name, "ns/svc");
+        assert_eq!(s.resolve(t, "ns/svc").unwrap().name, "ns/svc");
         s.apply(t, vec![], vec!["c//v1/Pod/ns/p".into()], Instant::now());
         assert!(
             s.resolve(t, "net/10.0.0.9").is_none(),

@@ -430,3 +430,33 @@ async fn on_demand_subscription_by_name_alias_and_missing_key() {
     s.xds.update(ADDRESS_TYPE, vec![], vec!["w1".into()]);
     assert_eq!(c.next().await.removed, vec!["w1"]);
 }
+
+#[tokio::test]
+async fn proxy_behind_the_change_log_is_resynced_by_reconnecting() {
+    // A one-entry change log: any burst of two changes outruns it.
+    let config = XdsConfig {
+        change_log: 1,
+        ..fast()
+    };
+    let s = start(config, None).await;
+    s.xds.update(
+        AUTHORIZATION_TYPE,
+        vec![policy("a", "1"), policy("b", "1"), policy("c", "1")],
+        vec![],
+    );
+    let mut c = client(s.addr, &[AUTHORIZATION_TYPE], Duration::from_millis(50));
+    assert_eq!(c.next().await.names().len(), 3);
+    eventually("ACK", || acks(&s.xds) == 1).await;
+
+    s.xds.update(
+        AUTHORIZATION_TYPE,
+        vec![policy("a", "2"), policy("d", "1")],
+        vec!["b".into()],
+    );
+    // The proxy reconnects with its versions and gets exactly the differences.
+    let seen = c.next().await;
+    assert_eq!(seen.names(), BTreeSet::from(["a", "d"]));
+    assert_eq!(seen.removed, vec!["b"]);
+    assert_eq!(s.metrics.resyncs.get(), 1);
+    c.nothing_for(Duration::from_millis(100)).await;
+}

@@ -257,3 +257,39 @@ async fn explicit_subscriptions_follow_subscribe_unsubscribe_and_wildcard_marker
     both.send(subscribe(&["*", "a"], &[])).await;
     assert_eq!(names(&both.next().await), BTreeSet::from(["a", "b"]));
 }
+
+#[tokio::test]
+async fn large_sync_goes_out_in_bounded_chunks_and_later_changes_follow_it() {
+    let s = start(fast(), None).await;
+    let all: Vec<_> = (0..250).map(|i| policy(&format!("p{i:03}"), "1")).collect();
+    s.xds.update(AUTHORIZATION_TYPE, all, vec![]);
+    let mut raw = Raw::open(s.addr, None).await.unwrap();
+    raw.subscribe_wildcard(AUTHORIZATION_TYPE).await;
+    let mut got = BTreeSet::new();
+    let mut sizes = Vec::new();
+    // A change made while the sync is under way arrives after it, not mixed into it.
+    s.xds.update(
+        AUTHORIZATION_TYPE,
+        vec![policy("p000", "2")],
+        vec!["p249".into()],
+    );
+    while got.len() < 250 {
+        let r = raw.next().await;
+        sizes.push(r.resources.len());
+        for n in names(&r) {
+            assert!(got.insert(n.to_string()), "{n} sent twice in the sync");
+        }
+        if got.len() == 249 && !got.contains("p249") {
+            // The change was folded into the sync's snapshot.
+            break;
+        }
+    }
+    assert!(sizes.iter().all(|n| *n <= 100), "chunk sizes {sizes:?}");
+    assert!(sizes.len() >= 3, "chunk sizes {sizes:?}");
+    if got.contains("p249") {
+        let after = raw.next().await;
+        assert_eq!(names(&after), BTreeSet::from(["p000"]));
+        assert_eq!(after.removed_resources, vec!["p249"]);
+    }
+    raw.nothing_for(Duration::from_millis(100)).await;
+}
