@@ -131,6 +131,9 @@ pub fn uninstall(cni_bin_dir: &Path, cni_net_dir: &Path) -> Result<Vec<PathBuf>,
             }
         }
     }
+    if let Err(e) = crate::plugin_kubeconfig::remove(cni_net_dir) {
+        first_error.get_or_insert(e);
+    }
     let binary = cni_bin_dir.join(PLUGIN_TYPE);
     match fs::remove_file(&binary) {
         Ok(()) => {}
@@ -279,7 +282,7 @@ fn render(doc: &Value) -> Vec<u8> {
 }
 
 /// Writes `data` to a hidden temp file next to `path` and renames it over `path`.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), InstallError> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path

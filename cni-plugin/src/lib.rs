@@ -4,4 +4,5 @@
 pub mod agent;
 pub mod cni;
 pub mod install;
+pub mod plugin_kubeconfig;
 pub mod protocol;

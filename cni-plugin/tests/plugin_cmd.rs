@@ -1,6 +1,10 @@
 //! The built `mesh-cni` binary driven as a container runtime drives it: environment variables,
 //! config on stdin, result or error JSON on stdout. Pure userspace (no root): the node agent is
-//! either absent or a small fake on a Unix socket.
+//! either absent or a small fake on a Unix socket, and the Kubernetes API (for the fallback when
+//! the agent is down) is the in-process stand-in the controller tests use.
+
+#[path = "../../controller/tests/support/apiserver.rs"]
+mod apiserver;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -11,6 +15,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
+use apiserver::ApiServer;
 use mesh_cni::protocol::{
     Outcome, PluginCommand, PluginRequest, PluginResponse, decode_line, encode_line,
 };
@@ -334,4 +339,259 @@ fn status_reports_whether_the_agent_listens() {
     let _listener = UnixListener::bind(&socket).unwrap();
     let up = plugin("STATUS", "", &c);
     assert_eq!((up.code, up.stdout.as_str()), (0, ""));
+}
+
+/// Writes a kubeconfig for `server` (plain HTTP, bearer token) into `dir`.
+fn kubeconfig(dir: &Path, server: &str) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    fs::write(
+        &path,
+        format!(
+            "apiVersion: v1
+kind: Config
+current-context: mesh
+clusters:
+- name: test
+  cluster:
+    server: {server}
+contexts:
+- name: mesh
+  context: {{cluster: test, user: mesh-cni}}
+users:
+- name: mesh-cni
+  user: {{token: plugin-token}}
+"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The plugin's config in Kubernetes mode: no configDir, a kubeconfig instead.
+fn kube_conf(socket: &Path, kubeconfig: &Path) -> Value {
+    let mut c = conf(socket, None);
+    c["kubeconfig"] = json!(kubeconfig);
+    c
+}
+
+/// Runs the plugin off the runtime thread, so the in-process API server keeps serving.
+async fn plugin_async(command: &'static str, cni_args: String, conf: Value) -> Output {
+    tokio::task::spawn_blocking(move || plugin(command, &cni_args, &conf))
+        .await
+        .unwrap()
+}
+
+fn kube_namespace(name: &str, ambient: bool) -> Value {
+    let labels = if ambient {
+        json!({"istio.io/dataplane-mode": "ambient"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+fn kube_pod(ns: &str, name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"), "labels": labels},
+        "spec": {"containers": [{"name": "app", "image": "app"}], "nodeName": "node-a"}})
+}
+
+#[tokio::test]
+async fn agent_down_in_kubernetes_mode_decides_from_the_api_server() {
+    let api = ApiServer::start().await;
+    api.apply("namespaces", kube_namespace("shop", true));
+    api.apply("namespaces", kube_namespace("legacy", false));
+    api.apply("pods", kube_pod("shop", "cart", json!({})));
+    api.apply(
+        "pods",
+        kube_pod(
+            "shop",
+            "opted-out",
+            json!({"istio.io/dataplane-mode": "none"}),
+        ),
+    );
+    api.apply("pods", kube_pod("legacy", "batch", json!({})));
+    let dir = TempDir::new("kube");
+    let socket = dir.0.join("absent.sock");
+    let conf = kube_conf(&socket, &kubeconfig(&dir.0, &api.url));
+
+    let plain = plugin_async("ADD", pod_args("legacy", "batch"), conf.clone()).await;
+    assert_eq!(plain.code, 0, "{}", plain.stdout);
+    assert_eq!(plain.json(), prev_result());
+    assert_eq!(api.request_count("GET", "/api/v1/namespaces/legacy"), 1);
+    assert_eq!(
+        api.request_count("GET", "/api/v1/namespaces/legacy/pods/batch"),
+        1
+    );
+
+    // The pod label overrides the namespace's, as everywhere else (one shared rule).
+    let opted_out = plugin_async("ADD", pod_args("shop", "opted-out"), conf.clone()).await;
+    assert_eq!(opted_out.code, 0, "{}", opted_out.stdout);
+    assert_eq!(opted_out.json(), prev_result());
+
+    let ambient = plugin_async("ADD", pod_args("shop", "cart"), conf.clone()).await;
+    assert_eq!(ambient.code, 1, "{}", ambient.stdout);
+    let err = ambient.json();
+    assert_eq!(err["cniVersion"], "1.0.0");
+    assert_eq!(err["code"], 101);
+    assert_eq!(
+        err["msg"],
+        format!(
+            "pod shop/cart is ambient but the node agent is unreachable at {}: refusing to start \
+             it without mesh redirection",
+            socket.display()
+        )
+    );
+
+    let check = plugin_async("CHECK", pod_args("legacy", "batch"), conf.clone()).await;
+    assert_eq!((check.code, check.stdout.as_str()), (0, ""));
+    api.stop();
+}
+
+#[tokio::test]
+async fn agent_down_and_pod_unknown_to_the_api_server_fails_closed() {
+    let api = ApiServer::start().await;
+    api.apply("namespaces", kube_namespace("legacy", false));
+    let dir = TempDir::new("kube-ghost");
+    let conf = kube_conf(&dir.0.join("absent.sock"), &kubeconfig(&dir.0, &api.url));
+
+    let out = plugin_async("ADD", pod_args("legacy", "ghost"), conf).await;
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    let err = out.json();
+    assert_eq!(err["code"], 101);
+    assert!(
+        err["msg"]
+            .as_str()
+            .unwrap()
+            .contains("cannot tell whether pod legacy/ghost is ambient"),
+        "{err}"
+    );
+    let details = err["details"].as_str().unwrap();
+    assert!(
+        details.contains("pod legacy/ghost not found in the API server"),
+        "{details}"
+    );
+    api.stop();
+}
+
+#[tokio::test]
+async fn agent_down_and_api_server_failing_fails_closed() {
+    let api = ApiServer::start().await;
+    api.apply("namespaces", kube_namespace("legacy", false));
+    api.apply("pods", kube_pod("legacy", "batch", json!({})));
+    // RBAC refuses the pod read: the plugin cannot know, so it must not let the pod start.
+    api.fail("GET", "/api/v1/namespaces/legacy/pods/batch", 403);
+    let dir = TempDir::new("kube-403");
+    let conf = kube_conf(&dir.0.join("absent.sock"), &kubeconfig(&dir.0, &api.url));
+
+    let out = plugin_async("ADD", pod_args("legacy", "batch"), conf.clone()).await;
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    let err = out.json();
+    assert_eq!(err["code"], 101);
+    assert!(
+        err["details"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read pod legacy/batch from the API server"),
+        "{err}"
+    );
+
+    api.clear_failures();
+    let ok = plugin_async("ADD", pod_args("legacy", "batch"), conf).await;
+    assert_eq!(ok.code, 0, "{}", ok.stdout);
+    api.stop();
+}
+
+#[tokio::test]
+async fn agent_and_api_server_both_down_fails_closed() {
+    // Bind then drop: a local port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = TempDir::new("kube-down");
+    let kc = kubeconfig(&dir.0, &format!("http://127.0.0.1:{port}"));
+    let out = plugin_async(
+        "ADD",
+        pod_args("legacy", "batch"),
+        kube_conf(&dir.0.join("absent.sock"), &kc),
+    )
+    .await;
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    let err = out.json();
+    assert_eq!(err["code"], 101);
+    assert!(
+        err["details"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read namespace legacy from the API server"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn hung_api_server_fails_closed_within_the_deadline() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let dir = TempDir::new("kube-hung");
+    let kc = kubeconfig(&dir.0, &format!("http://{addr}"));
+    let started = std::time::Instant::now();
+    let out = plugin_async(
+        "ADD",
+        pod_args("legacy", "batch"),
+        kube_conf(&dir.0.join("absent.sock"), &kc),
+    )
+    .await;
+    let took = started.elapsed();
+    holder.abort();
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert_eq!(out.json()["code"], 101);
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(10),
+        "took {took:?}"
+    );
+}
+
+#[test]
+fn unusable_kubeconfig_fails_closed_naming_the_file() {
+    let dir = TempDir::new("kube-bad");
+    let missing = dir.0.join("missing-kubeconfig");
+    let out = plugin(
+        "ADD",
+        &pod_args("legacy", "batch"),
+        &kube_conf(&dir.0.join("absent.sock"), &missing),
+    );
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    let err = out.json();
+    assert_eq!(err["code"], 101);
+    let details = err["details"].as_str().unwrap();
+    assert!(
+        details.contains("bad kubeconfig") && details.contains(&missing.display().to_string()),
+        "{details}"
+    );
+
+    let garbage = dir.0.join("garbage-kubeconfig");
+    fs::write(&garbage, "clusters: [this is not: a kubeconfig\n").unwrap();
+    let out = plugin(
+        "ADD",
+        &pod_args("legacy", "batch"),
+        &kube_conf(&dir.0.join("absent.sock"), &garbage),
+    );
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(
+        out.json()["details"]
+            .as_str()
+            .unwrap()
+            .contains("bad kubeconfig"),
+        "{}",
+        out.stdout
+    );
 }

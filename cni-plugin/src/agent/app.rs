@@ -18,6 +18,7 @@ use super::metrics::Metrics;
 use super::rules::RedirectConfig;
 use super::zds::{ZdsHub, ZdsServer};
 use super::{monitoring, server};
+use crate::plugin_kubeconfig::{self, ApiCredentials};
 
 /// Where pod and namespace labels come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -210,6 +211,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ));
     if args.install_cni {
         install(&args)?;
+        if matches!(args.config_source, SourceKind::Kube) {
+            tasks.spawn(kubeconfig_refresh_loop(
+                args.cni_net_dir.clone(),
+                shutdown.clone(),
+            ));
+        }
     }
     tracing::info!(
         node = %args.node_name,
@@ -257,17 +264,77 @@ async fn reconcile_loop(
     }
 }
 
+/// Chains the plugin into the node's CNI config. The entry tells the plugin how to decide on
+/// its own while the agent is down: the config directory (files source) or a kubeconfig
+/// written from the agent's service account (Kubernetes source).
 fn install(args: &Args) -> anyhow::Result<()> {
     let me = std::env::current_exe().context("locating the agent binary")?;
     let plugin = me.with_file_name("mesh-cni");
-    let entry = serde_json::json!({
+    let mut entry = serde_json::json!({
         "type": "mesh-cni",
         "agentSocket": args.plugin_socket,
     });
+    match args.config_source {
+        SourceKind::Files => {
+            if let Some(dir) = &args.config_dir {
+                entry["configDir"] = serde_json::json!(dir);
+            }
+        }
+        SourceKind::Kube => {
+            if refresh_plugin_kubeconfig(&args.cni_net_dir)? {
+                entry["kubeconfig"] = serde_json::json!(plugin_kubeconfig::path(&args.cni_net_dir));
+            } else {
+                tracing::warn!(
+                    "not running in a cluster (KUBERNETES_SERVICE_HOST unset): while the agent is \
+                     down the plugin cannot ask the API server and refuses every pod"
+                );
+            }
+        }
+    }
     let conf = crate::install::install(&plugin, &args.cni_bin_dir, &args.cni_net_dir, entry)
         .context("installing the CNI plugin")?;
     tracing::info!(config = %conf.display(), "chained mesh-cni into the node's CNI config");
     Ok(())
+}
+
+/// Writes the plugin's kubeconfig from the in-cluster service account if it changed; returns
+/// whether there are in-cluster credentials at all.
+fn refresh_plugin_kubeconfig(cni_net_dir: &std::path::Path) -> anyhow::Result<bool> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").ok();
+    let account = std::path::Path::new(plugin_kubeconfig::SERVICE_ACCOUNT_DIR);
+    let Some(creds) = ApiCredentials::in_cluster(host.as_deref(), port.as_deref(), account)
+        .context("reading the service account for the plugin's kubeconfig")?
+    else {
+        return Ok(false);
+    };
+    if plugin_kubeconfig::write(cni_net_dir, &creds)? {
+        tracing::info!(
+            path = %plugin_kubeconfig::path(cni_net_dir).display(),
+            "wrote the CNI plugin's kubeconfig"
+        );
+    }
+    Ok(true)
+}
+
+/// Keeps the plugin's kubeconfig token current: projected tokens rotate (hourly by default).
+async fn kubeconfig_refresh_loop(cni_net_dir: PathBuf, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let dir = cni_net_dir.clone();
+                match tokio::task::spawn_blocking(move || refresh_plugin_kubeconfig(&dir)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "refreshing the CNI plugin's kubeconfig"),
+                    Err(e) => tracing::warn!(error = %e, "kubeconfig refresh task failed"),
+                }
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -6,6 +6,7 @@ pub mod enroll;
 pub mod metrics;
 pub mod monitoring;
 pub mod netns;
+mod nsexec;
 pub mod routing;
 pub mod rules;
 pub mod server;

@@ -2,6 +2,7 @@
 //! agent, passes the previous plugin's result through unchanged, and fails closed when an
 //! ambient pod cannot be enrolled.
 
+pub mod apifallback;
 pub mod fallback;
 pub mod plugin;
 pub mod spec;

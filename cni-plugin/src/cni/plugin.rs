@@ -1,5 +1,5 @@
 //! The plugin's commands. Synchronous and short-lived: one agent round trip per invocation, and
-//! a directory read only when the agent is down.
+//! an API server lookup or a directory read only when the agent is down.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
+use super::apifallback::{API_TIMEOUT, pod_captured_from_api};
 use super::fallback::pod_captured_in_dir;
 use super::spec::{
     CniEnv, CniError, Command, NetConf, PodRef, code, error_version, extract_ips, require_version,
@@ -226,24 +227,33 @@ impl Invocation<'_> {
         answer.map(|r| (r.outcome, r.message))
     }
 
-    /// With the agent down, only a pod known not to be ambient may proceed (fail closed).
+    /// With the agent down, only a pod known not to be ambient may proceed (fail closed). The
+    /// API server (`kubeconfig`, Kubernetes mode) or the YAML directory (`configDir`, files
+    /// mode) is asked; both apply the same enrollment rule.
     fn decide_without_agent(&self, pod: &PodRef, cause: &std::io::Error) -> Result<(), CniError> {
         let socket = self.conf.agent_socket.display();
-        let Some(dir) = &self.conf.config_dir else {
+        let (source, verdict) = if let Some(kubeconfig) = self.conf.kubeconfig_path() {
+            (
+                format!("the API server (kubeconfig {})", kubeconfig.display()),
+                pod_captured_from_api(kubeconfig, pod, API_TIMEOUT).map_err(|e| e.to_string()),
+            )
+        } else if let Some(dir) = &self.conf.config_dir {
+            (dir.display().to_string(), pod_captured_in_dir(dir, pod))
+        } else {
             return Err(CniError::new(
                 code::AGENT_DOWN_AMBIENT,
                 format!(
-                    "node agent unreachable at {socket} and no configDir to tell whether pod \
-                     {pod} is ambient: refusing to start it without mesh redirection"
+                    "node agent unreachable at {socket} and neither kubeconfig nor configDir is \
+                     set to tell whether pod {pod} is ambient: refusing to start it without \
+                     mesh redirection"
                 ),
                 cause.to_string(),
             ));
         };
-        match pod_captured_in_dir(dir, pod) {
+        match verdict {
             Ok(false) => {
                 self.log.line(format_args!(
-                    "{pod}: agent unreachable, not ambient per {}, passing through",
-                    dir.display()
+                    "{pod}: agent unreachable, not ambient per {source}, passing through"
                 ));
                 Ok(())
             }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -243,9 +243,24 @@ pub struct NetConf {
     /// Directory of Kubernetes YAML used to decide enrollment while the agent is down.
     #[serde(default)]
     pub config_dir: Option<PathBuf>,
+    /// Kubeconfig for reading the pod and namespace from the API server while the agent is
+    /// down (Kubernetes mode).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Istio's plugin config block; its `kubeconfig` is honoured when the top-level one is unset.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConf>,
     /// File to append a log line per invocation to.
     #[serde(default)]
     pub log_file: Option<PathBuf>,
+}
+
+/// The `kubernetes` block of Istio's plugin config (only what this plugin uses).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct KubernetesConf {
+    /// Path of the kubeconfig the plugin uses to reach the API server.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 fn default_agent_socket() -> PathBuf {
@@ -282,6 +297,14 @@ impl NetConf {
     /// The agent exchange deadline.
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_secs(self.agent_timeout_seconds)
+    }
+
+    /// The kubeconfig for the API fallback: top-level `kubeconfig`, else `kubernetes.kubeconfig`.
+    pub fn kubeconfig_path(&self) -> Option<&Path> {
+        self.kubeconfig
+            .as_deref()
+            .or_else(|| self.kubernetes.as_ref()?.kubeconfig.as_deref())
+            .filter(|p| !p.as_os_str().is_empty())
     }
 }
 
@@ -447,6 +470,7 @@ mod tests {
         assert_eq!(conf.agent_socket, PathBuf::from(DEFAULT_AGENT_SOCKET));
         assert_eq!(conf.agent_timeout(), Duration::from_secs(30));
         assert_eq!(conf.config_dir, None);
+        assert_eq!(conf.kubeconfig_path(), None);
         assert_eq!(conf.prev_result, None);
         let conf = NetConf::parse(
             br#"{"cniVersion":"0.3.1","name":"k8s","type":"mesh-cni","agentSocket":"/s.sock",
@@ -457,6 +481,24 @@ mod tests {
         assert_eq!(conf.agent_timeout(), Duration::from_secs(3));
         assert_eq!(conf.config_dir, Some(PathBuf::from("/etc/mesh")));
         assert_eq!(conf.prev_result, Some(json!({"ips": []})));
+    }
+
+    #[test]
+    fn kubeconfig_comes_from_top_level_or_istio_kubernetes_block() {
+        let parse = |extra: &str| {
+            let text = format!(r#"{{"cniVersion":"1.0.0","name":"k8s","type":"mesh-cni"{extra}}}"#);
+            NetConf::parse(text.as_bytes()).unwrap()
+        };
+        let istio = parse(
+            r#","kubernetes":{"kubeconfig":"/etc/cni/net.d/ZZZ-kubeconfig","cni_bin_dir":"/opt/cni/bin"}"#,
+        );
+        assert_eq!(
+            istio.kubeconfig_path(),
+            Some(Path::new("/etc/cni/net.d/ZZZ-kubeconfig"))
+        );
+        let both = parse(r#","kubeconfig":"/k","kubernetes":{"kubeconfig":"/other"}"#);
+        assert_eq!(both.kubeconfig_path(), Some(Path::new("/k")));
+        assert_eq!(parse(r#","kubeconfig":"""#).kubeconfig_path(), None);
     }
 
     #[test]

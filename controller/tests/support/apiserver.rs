@@ -2,8 +2,10 @@
 //! versions, watch from a version, 410 Gone for versions compacted away, and the ability to cut
 //! every watch (to test reconnects). Single objects can be read, created (409 when they exist),
 //! replaced (409 on a stale resourceVersion) and deleted; TokenReviews are answered from tokens
-//! registered with `add_token`, and failures can be injected per method and path. There is no
-//! real API server on these machines.
+//! registered with `add_token`, and failures can be injected per method and path. Lists and
+//! watches honour `fieldSelector` equality terms (`spec.nodeName=X`, `metadata.name!=Y`, ...);
+//! an object that starts or stops matching is not turned into ADDED/DELETED as the real server
+//! does. There is no real API server on these machines.
 
 // Each test binary uses a different part of the stand-in.
 #![allow(dead_code)]
@@ -94,6 +96,70 @@ fn route(path: &str) -> Option<Target> {
         },
         _ => return None,
     })
+}
+
+/// Decodes a query component: `%XX` escapes and `+` for space (kube escapes `=` in selectors).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A `fieldSelector`: every term must hold. Each term is (dotted field path, value, equal).
+#[derive(Clone, Default)]
+struct FieldSelector(Vec<(Vec<String>, String, bool)>);
+
+impl FieldSelector {
+    /// Parses `a.b=v,c.d!=w` (`==` is the same as `=`); an empty selector matches everything.
+    fn parse(raw: &str) -> Result<Self, String> {
+        let mut terms = Vec::new();
+        for term in raw.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let (field, value, equal) = if let Some((f, v)) = term.split_once("!=") {
+                (f, v, false)
+            } else if let Some((f, v)) = term.split_once("==") {
+                (f, v, true)
+            } else if let Some((f, v)) = term.split_once('=') {
+                (f, v, true)
+            } else {
+                return Err(format!("invalid field selector term {term:?}"));
+            };
+            let path = field.trim().split('.').map(str::to_string).collect();
+            terms.push((path, value.trim().to_string(), equal));
+        }
+        Ok(Self(terms))
+    }
+
+    /// True if `o` satisfies every term; an absent field compares as the empty string.
+    fn matches(&self, o: &Value) -> bool {
+        self.0.iter().all(|(path, want, equal)| {
+            let field = path.iter().fold(o, |v, seg| &v[seg.as_str()]);
+            let got = match field {
+                Value::Null => String::new(),
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (got == *want) == *equal
+        })
+    }
 }
 
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
@@ -301,7 +367,7 @@ impl ApiServer {
             .unwrap_or("")
             .split('&')
             .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| (percent_decode(k), percent_decode(v)))
             .collect();
         {
             let mut st = self.state.lock().unwrap();
@@ -341,15 +407,20 @@ impl ApiServer {
         };
         match (method.as_str(), target, body) {
             ("GET", Target::Collection { path, ns }, _) => {
+                let raw = query.get("fieldSelector").map(String::as_str).unwrap_or("");
+                let fields = match FieldSelector::parse(raw) {
+                    Ok(f) => f,
+                    Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+                };
                 let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
                 if watch {
                     let from: u64 = query
                         .get("resourceVersion")
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(0);
-                    return self.watch(path, ns, from);
+                    return self.watch(path, ns, fields, from);
                 }
-                self.list(&path, ns.as_deref())
+                self.list(&path, ns.as_deref(), &fields)
             }
             ("GET", Target::Object { path, key }, _) => {
                 let st = self.state.lock().unwrap();
@@ -437,7 +508,7 @@ impl ApiServer {
         }
     }
 
-    fn list(&self, path: &str, ns: Option<&str>) -> Response<Body> {
+    fn list(&self, path: &str, ns: Option<&str>, fields: &FieldSelector) -> Response<Body> {
         let st = self.state.lock().unwrap();
         let items: Vec<Value> = st
             .collections
@@ -446,6 +517,7 @@ impl ApiServer {
                 c.objects
                     .values()
                     .filter(|o| ns.is_none() || o["metadata"]["namespace"].as_str() == ns)
+                    .filter(|o| fields.matches(o))
                     .cloned()
                     .collect()
             })
@@ -492,10 +564,17 @@ impl ApiServer {
         json_response(StatusCode::CREATED, &review)
     }
 
-    fn watch(&self, path: String, ns: Option<String>, from: u64) -> Response<Body> {
-        let in_ns = move |o: &Value| {
+    fn watch(
+        &self,
+        path: String,
+        ns: Option<String>,
+        fields: FieldSelector,
+        from: u64,
+    ) -> Response<Body> {
+        let selected = move |o: &Value| {
             ns.as_deref()
                 .is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
+                && fields.matches(o)
         };
         let (backlog, compacted) = {
             let st = self.state.lock().unwrap();
@@ -505,7 +584,7 @@ impl ApiServer {
                 .map(|c| {
                     c.history
                         .iter()
-                        .filter(|(rv, _, o)| *rv > from && in_ns(o))
+                        .filter(|(rv, _, o)| *rv > from && selected(o))
                         .cloned()
                         .collect()
                 })
@@ -534,7 +613,9 @@ impl ApiServer {
         let live = tokio_stream::wrappers::BroadcastStream::new(rx)
             .filter_map(move |ev| {
                 let out = match ev {
-                    Ok((p, rv, t, o)) if p == path && rv > from && in_ns(&o) => Some(line(t, &o)),
+                    Ok((p, rv, t, o)) if p == path && rv > from && selected(&o) => {
+                        Some(line(t, &o))
+                    }
                     _ => None,
                 };
                 async move { out }
