@@ -22,7 +22,7 @@ use crate::ca::{
 };
 use crate::config::{ConfigEvent, Object};
 use crate::model::{EndpointMode, Model, ModelConfig, ModelDelta};
-use crate::monitoring;
+use crate::readiness::{Readiness, ReadyGuard};
 use crate::source::files::FileSource;
 use crate::source::kube::KubeSource;
 use crate::xds::{XdsConfig, XdsMetrics, XdsServer};
@@ -163,7 +163,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Arc::new(ControllerMetrics::new(&registry)?);
     let xds_metrics = Arc::new(XdsMetrics::new(&registry)?);
     let shutdown = CancellationToken::new();
-    let ready = monitoring::Readiness::default();
+    let ready = Readiness::default();
 
     let kube_client = match args.config_source {
         SourceKind::Kube => Some(
@@ -321,7 +321,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tracing::error!(error = %e, "TLS xDS/CA server failed");
         }
     });
-    servers.spawn(monitoring::serve(mon, registry, ready, shutdown.clone()));
+    servers.spawn(monitoring::serve(
+        mon,
+        registry,
+        ready.check(),
+        shutdown.clone(),
+    ));
 
     wait_for_signal().await;
     tracing::info!("shutting down");
@@ -362,7 +367,7 @@ async fn apply_loop(
     model: Arc<RwLock<Model>>,
     xds: XdsServer,
     metrics: Arc<ControllerMetrics>,
-    mut synced: Option<monitoring::ReadyGuard>,
+    mut synced: Option<ReadyGuard>,
     roots: Option<KubeRootStore>,
 ) {
     while let Some(batch) = rx.recv().await {

@@ -4,7 +4,7 @@
 pub mod app;
 pub mod ca;
 pub mod model;
-pub mod monitoring;
+pub mod readiness;
 pub mod xds;
 
 pub use meshconfig::{config, crd, source};

@@ -16,8 +16,8 @@ use super::cluster::ClusterView;
 use super::enroll::{EnrollConfig, Enroller};
 use super::metrics::Metrics;
 use super::rules::RedirectConfig;
+use super::server;
 use super::zds::{ZdsHub, ZdsServer};
-use super::{monitoring, server};
 use crate::plugin_kubeconfig::{self, ApiCredentials};
 
 /// Where pod and namespace labels come from.
@@ -198,7 +198,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     tasks.spawn(monitoring::serve(
         mon,
-        metrics.clone(),
+        metrics.registry.clone(),
         ready,
         shutdown.clone(),
     ));

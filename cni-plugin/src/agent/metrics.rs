@@ -95,13 +95,6 @@ impl Metrics {
             config_errors,
         }
     }
-
-    /// The registry in Prometheus text format.
-    pub fn render(&self) -> String {
-        let mut buf = String::new();
-        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut buf);
-        buf
-    }
 }
 
 impl Default for Metrics {

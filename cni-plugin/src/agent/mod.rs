@@ -4,7 +4,6 @@ pub mod app;
 pub mod cluster;
 pub mod enroll;
 pub mod metrics;
-pub mod monitoring;
 pub mod netns;
 mod nsexec;
 pub mod routing;
