@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::Streaming;
+use tonic::{Status, Streaming};
 use xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 
 use super::Shared;
@@ -19,6 +19,13 @@ use crate::ca::Caller;
 
 /// Nonces remembered per type while waiting for their ACK; older ones count as stale.
 const MAX_OUTSTANDING: usize = 256;
+/// Types one stream may watch (ztunnel uses two): bounds what a misbehaving client can make
+/// the server hold.
+const MAX_TYPES: usize = 16;
+/// Explicit subscriptions per type on one stream (on-demand lookups are far fewer).
+const MAX_NAMES: usize = 100_000;
+/// Longest accepted resource name, type URL or nonce, in bytes.
+const MAX_NAME_LEN: usize = 1024;
 
 /// Counters of one connection, readable while it runs.
 pub(crate) struct ConnectionStats {
@@ -121,7 +128,7 @@ impl Connection {
     pub(crate) async fn run(
         mut self,
         mut inbound: Streaming<DeltaDiscoveryRequest>,
-        tx: mpsc::Sender<Vec<DeltaDiscoveryResponse>>,
+        tx: mpsc::Sender<Result<Vec<DeltaDiscoveryResponse>, Status>>,
         stop: CancellationToken,
     ) {
         self.shared
@@ -152,7 +159,14 @@ impl Connection {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 msg = inbound.next() => match msg {
-                    Some(Ok(req)) => self.on_request(req),
+                    Some(Ok(req)) => {
+                        if let Err(status) = self.on_request(req) {
+                            tracing::warn!(conn = self.id, node = %self.node_id, error = %status.message(), "xDS request refused; closing the stream");
+                            self.shared.metrics.rejected.inc();
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                    }
                     Some(Err(e)) => {
                         tracing::debug!(conn = self.id, node = %self.node_id, error = %e, "xDS stream failed");
                         break;
@@ -188,7 +202,7 @@ impl Connection {
                         // stays due until it is all out, so later changes follow it.
                         due = due && self.watches.values().any(Watch::busy);
                         if !batch.is_empty() {
-                            permit.send(batch);
+                            permit.send(Ok(batch));
                         }
                     }
                     Err(_) => break,
@@ -198,7 +212,9 @@ impl Connection {
         tracing::debug!(conn = self.id, node = %self.node_id, "xDS stream closed");
     }
 
-    fn on_request(&mut self, req: DeltaDiscoveryRequest) {
+    /// Applies one request; `Err` when it breaks the stream's limits (the stream then ends).
+    fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+        check_limits(&req, self.watches.get(&req.type_url), self.watches.len())?;
         if self.node_id.is_empty()
             && let Some(node) = &req.node
         {
@@ -208,7 +224,7 @@ impl Connection {
         }
         if req.type_url.is_empty() {
             tracing::warn!(conn = self.id, node = %self.node_id, "delta xDS request without type_url ignored");
-            return;
+            return Ok(());
         }
         if !req.response_nonce.is_empty() {
             self.on_ack(&req);
@@ -225,11 +241,12 @@ impl Connection {
                 type_url,
                 Watch::first(resource_names_subscribe, initial_resource_versions),
             );
-            return;
+            return Ok(());
         };
         w.subscribe(resource_names_subscribe);
         let store = self.shared.read();
         w.unsubscribe(resource_names_unsubscribe, &type_url, &store);
+        Ok(())
     }
 
     fn on_ack(&mut self, req: &DeltaDiscoveryRequest) {
@@ -325,4 +342,48 @@ impl Connection {
         }
         Some(out)
     }
+}
+
+/// Refuses requests that would make the server hold unbounded state for one stream.
+fn check_limits(
+    req: &DeltaDiscoveryRequest,
+    watch: Option<&Watch>,
+    watched_types: usize,
+) -> Result<(), Status> {
+    let too_long = |what: &str, s: &str| {
+        (s.len() > MAX_NAME_LEN).then(|| {
+            Status::invalid_argument(format!(
+                "{what} of {} bytes exceeds the limit of {MAX_NAME_LEN}",
+                s.len()
+            ))
+        })
+    };
+    if let Some(e) = too_long("type_url", &req.type_url)
+        .or_else(|| too_long("response_nonce", &req.response_nonce))
+    {
+        return Err(e);
+    }
+    let names = req
+        .resource_names_subscribe
+        .iter()
+        .chain(&req.resource_names_unsubscribe)
+        .chain(req.initial_resource_versions.keys());
+    for name in names {
+        if let Some(e) = too_long("resource name", name) {
+            return Err(e);
+        }
+    }
+    if watch.is_none() && !req.type_url.is_empty() && watched_types >= MAX_TYPES {
+        return Err(Status::invalid_argument(format!(
+            "more than {MAX_TYPES} resource types on one stream"
+        )));
+    }
+    let subscribed = watch.map_or(0, Watch::explicit_names);
+    if subscribed + req.resource_names_subscribe.len() > MAX_NAMES {
+        return Err(Status::invalid_argument(format!(
+            "more than {MAX_NAMES} explicit subscriptions of {} on one stream",
+            req.type_url
+        )));
+    }
+    Ok(())
 }

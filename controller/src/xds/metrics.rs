@@ -19,6 +19,8 @@ pub struct XdsMetrics {
     pub resources_sent: IntCounterVec,
     /// Streams closed because the proxy fell behind the change log (it reconnects and resyncs).
     pub resyncs: IntCounter,
+    /// Streams ended because a request broke the limits (too many types or names, oversized names).
+    pub rejected: IntCounter,
 }
 
 impl XdsMetrics {
@@ -31,6 +33,7 @@ impl XdsMetrics {
         registry.register(Box::new(m.nacks.clone()))?;
         registry.register(Box::new(m.resources_sent.clone()))?;
         registry.register(Box::new(m.resyncs.clone()))?;
+        registry.register(Box::new(m.rejected.clone()))?;
         Ok(m)
     }
 
@@ -70,6 +73,10 @@ impl XdsMetrics {
             resyncs: IntCounter::new(
                 "controller_xds_resyncs_total",
                 "Streams closed so a proxy that fell behind the change log resyncs",
+            )?,
+            rejected: IntCounter::new(
+                "controller_xds_rejected_requests_total",
+                "xDS streams ended because a request broke the per-stream limits",
             )?,
         })
     }

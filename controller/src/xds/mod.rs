@@ -243,11 +243,15 @@ impl XdsServer {
         let conn = conn::Connection::new(id, self.shared.clone(), caller);
         // The task ends with the stream: when the proxy goes away, on error, or on `stop`.
         tokio::spawn(conn.run(inbound, tx, stop));
-        Box::pin(
-            ReceiverStream::new(rx).flat_map(|batch: Vec<DeltaDiscoveryResponse>| {
-                futures::stream::iter(batch.into_iter().map(Ok))
-            }),
-        )
+        Box::pin(ReceiverStream::new(rx).flat_map(
+            |batch: Result<Vec<DeltaDiscoveryResponse>, Status>| {
+                let items: Vec<Result<DeltaDiscoveryResponse, Status>> = match batch {
+                    Ok(responses) => responses.into_iter().map(Ok).collect(),
+                    Err(status) => vec![Err(status)],
+                };
+                futures::stream::iter(items)
+            },
+        ))
     }
 }
 

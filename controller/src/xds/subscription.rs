@@ -150,6 +150,11 @@ impl Watch {
         }
     }
 
+    /// Number of explicit (on-demand) subscriptions.
+    pub(crate) fn explicit_names(&self) -> usize {
+        self.names.len()
+    }
+
     /// Whether chunks of an earlier push are still waiting to be sent.
     pub(crate) fn busy(&self) -> bool {
         !self.owed.is_empty() || self.scan.is_some() || !self.owed_removed.is_empty()

@@ -293,3 +293,59 @@ async fn large_sync_goes_out_in_bounded_chunks_and_later_changes_follow_it() {
     }
     raw.nothing_for(Duration::from_millis(100)).await;
 }
+
+#[tokio::test]
+async fn requests_breaking_stream_limits_end_that_stream_only_with_a_clear_error() {
+    let s = start(fast(), None).await;
+    s.xds
+        .update(AUTHORIZATION_TYPE, vec![policy("a", "1")], vec![]);
+    let mut good = Raw::open(s.addr, None).await.unwrap();
+    good.subscribe_wildcard(AUTHORIZATION_TYPE).await;
+    assert_eq!(names(&good.next().await), BTreeSet::from(["a"]));
+
+    // An oversized resource name.
+    let mut bad = Raw::open(s.addr, None).await.unwrap();
+    bad.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE.into(),
+        resource_names_subscribe: vec!["x".repeat(5000)],
+        ..Default::default()
+    })
+    .await;
+    let err = tokio::time::timeout(WAIT, bad.rx.next())
+        .await
+        .expect("answer within 5s")
+        .expect("an item")
+        .expect_err("stream refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("resource name"), "{}", err.message());
+
+    // Too many types on one stream.
+    let mut greedy = Raw::open(s.addr, None).await.unwrap();
+    for i in 0..17 {
+        greedy
+            .send(DeltaDiscoveryRequest {
+                type_url: format!("type.example/t{i}"),
+                ..Default::default()
+            })
+            .await;
+    }
+    let err = loop {
+        match tokio::time::timeout(WAIT, greedy.rx.next()).await {
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => break e,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    };
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("resource types"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(s.metrics.rejected.get(), 2);
+
+    // The well-behaved stream still gets pushes.
+    s.xds
+        .update(AUTHORIZATION_TYPE, vec![policy("b", "1")], vec![]);
+    assert_eq!(names(&good.next().await), BTreeSet::from(["b"]));
+}
