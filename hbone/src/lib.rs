@@ -3,6 +3,7 @@
 
 pub mod ca;
 pub mod certificate;
+pub mod early;
 pub mod identity;
 pub mod pool;
 pub mod server;

@@ -2,10 +2,6 @@
 //! the same (source identity, expected peer identities, source IP, destination) key.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -20,125 +16,16 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::identity::Identity;
+mod types;
+
+pub use types::{
+    ConnectFuture, ConnectRequest, Connector, PoolConfig, PoolKey, PoolStats, TcpConnector,
+};
+
+use crate::early::{Opening, ReadyStream};
 use crate::stream::{
     H2Stream, HboneError, TLS_WRITE_BUFFER, clamp_frame_size, clamp_window, keepalive,
 };
-
-/// What identifies a reusable HBONE connection.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PoolKey {
-    /// Our workload identity (the client certificate presented).
-    pub src_identity: Identity,
-    /// Identities the server may prove; sorted and deduplicated.
-    pub dst_identities: Vec<Identity>,
-    /// Downstream client IP the connection is made on behalf of.
-    pub src_ip: IpAddr,
-    /// HBONE endpoint dialed (usually `ip:15008`).
-    pub dst: SocketAddr,
-}
-
-impl PoolKey {
-    /// Builds a key, normalising the order of the expected identities.
-    pub fn new(
-        src_identity: Identity,
-        mut dst_identities: Vec<Identity>,
-        src_ip: IpAddr,
-        dst: SocketAddr,
-    ) -> Self {
-        dst_identities.sort();
-        dst_identities.dedup();
-        Self {
-            src_identity,
-            dst_identities,
-            src_ip,
-            dst,
-        }
-    }
-}
-
-/// Pool tuning.
-#[derive(Clone, Debug)]
-pub struct PoolConfig {
-    /// Streams allowed on one connection before another is opened.
-    pub max_streams_per_conn: u32,
-    /// A connection without streams for this long is closed.
-    pub idle_timeout: Duration,
-    /// How often to PING each connection.
-    pub keepalive_interval: Duration,
-    /// How long to wait for a PONG before dropping the connection.
-    pub keepalive_timeout: Duration,
-    /// HTTP/2 initial stream receive window.
-    pub stream_window: u32,
-    /// HTTP/2 connection receive window.
-    pub conn_window: u32,
-    /// Largest HTTP/2 frame we accept.
-    pub max_frame_size: u32,
-    /// Limit for TCP connect + TLS + HTTP/2 handshake.
-    pub connect_timeout: Duration,
-}
-
-impl Default for PoolConfig {
-    fn default() -> Self {
-        Self {
-            max_streams_per_conn: 100,
-            idle_timeout: Duration::from_secs(300),
-            keepalive_interval: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(20),
-            stream_window: 4 * 1024 * 1024,
-            conn_window: 16 * 1024 * 1024,
-            max_frame_size: 1024 * 1024,
-            connect_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Boxed future returned by [`Connector::connect`].
-pub type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
-
-/// Makes the TCP sockets the pool dials (e.g. inside a pod netns, with SO_MARK).
-pub trait Connector: Send + Sync + 'static {
-    /// Opens a TCP connection to `dst`.
-    fn connect(&self, dst: SocketAddr) -> ConnectFuture;
-}
-
-/// Plain `TcpStream::connect` with TCP_NODELAY.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TcpConnector;
-
-impl Connector for TcpConnector {
-    fn connect(&self, dst: SocketAddr) -> ConnectFuture {
-        Box::pin(async move {
-            let stream = TcpStream::connect(dst).await?;
-            stream.set_nodelay(true)?;
-            Ok(stream)
-        })
-    }
-}
-
-/// One CONNECT to send over the pool.
-#[derive(Clone, Debug)]
-pub struct ConnectRequest {
-    /// Target carried in `:authority` (IPv6 rendered as `[a]:p`).
-    pub authority: SocketAddr,
-    /// Extra request headers (baggage, forwarded, traceparent, ...).
-    pub headers: HeaderMap,
-}
-
-/// Pool counters for metrics and tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PoolStats {
-    /// Established connections whose driver is still running (pooled or draining).
-    pub open_connections: usize,
-    /// Connections (established or dialing) that new streams may still use (no GOAWAY).
-    pub pooled_connections: usize,
-    /// Streams currently open or being opened through the pool.
-    pub active_streams: usize,
-    /// Connections successfully established since the pool was made.
-    pub connections_opened: u64,
-    /// Failed connection attempts since the pool was made.
-    pub connect_failures: u64,
-}
 
 #[derive(Default)]
 struct Counters {
@@ -195,7 +82,7 @@ impl Conn {
 }
 
 /// A reserved stream slot on a connection; released on drop.
-struct StreamSlot {
+pub(crate) struct StreamSlot {
     conn: Arc<Conn>,
 }
 
@@ -326,11 +213,7 @@ impl Pool {
         tls: Arc<rustls::ClientConfig>,
         request: ConnectRequest,
     ) -> Result<H2Stream, HboneError> {
-        let uri: Uri = request
-            .authority
-            .to_string()
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| HboneError::InvalidRequest(e.to_string()))?;
+        let uri = authority_uri(&request)?;
         let mut retried = false;
         loop {
             let slot = self.reserve(&key, &tls);
@@ -400,34 +283,9 @@ impl Pool {
         uri: &Uri,
         headers: &HeaderMap,
     ) -> Result<Opened, HboneError> {
-        let mut state = slot.conn.state.clone();
-        let ready = state
-            .wait_for(|s| !matches!(s, ConnState::Dialing))
-            .await
-            .map_err(|_| HboneError::PoolClosed)?
-            .clone();
-        let send = match ready {
-            ConnState::Ready(send) => send,
-            ConnState::Failed(err) => return Err(HboneError::Dial(err)),
-            ConnState::Closed | ConnState::Dialing => {
-                return Ok(Opened::Refused(HboneError::PoolClosed));
-            }
-        };
-        let mut send = match send.ready().await {
-            Ok(send) => send,
-            Err(e) => return Ok(Opened::Refused(e.into())),
-        };
-        let mut req = Request::new(());
-        *req.method_mut() = Method::CONNECT;
-        *req.uri_mut() = uri.clone();
-        *req.headers_mut() = headers.clone();
-        let (response, send_stream) = match send.send_request(req, false) {
-            Ok(pair) => pair,
-            // Neither a protocol reason nor io: h2 refused our headers (a caller bug).
-            Err(e) if e.reason().is_none() && !e.is_io() => {
-                return Err(HboneError::InvalidRequest(e.to_string()));
-            }
-            Err(e) => return Ok(Opened::Refused(e.into())),
+        let (response, send_stream) = match self.send_connect(slot, uri, headers).await? {
+            Sent::Request(response, send) => (response, send),
+            Sent::Refused(err) => return Ok(Opened::Refused(err)),
         };
         let response = match response.await {
             Ok(r) => r,
@@ -439,6 +297,118 @@ impl Pool {
         }
         Ok(Opened::Stream(send_stream, response.into_body()))
     }
+
+    /// Sends the CONNECT headers on the slot's connection once it is ready.
+    async fn send_connect(
+        &self,
+        slot: &StreamSlot,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<Sent, HboneError> {
+        match self.ready_sender(slot).await? {
+            Ready::Sender(mut send) => send_request(&mut send, uri, headers),
+            Ready::Refused(err) => Ok(Sent::Refused(err)),
+        }
+    }
+
+    /// Waits until the slot's connection can take a new stream.
+    async fn ready_sender(&self, slot: &StreamSlot) -> Result<Ready, HboneError> {
+        let mut state = slot.conn.state.clone();
+        let ready = state
+            .wait_for(|s| !matches!(s, ConnState::Dialing))
+            .await
+            .map_err(|_| HboneError::PoolClosed)?
+            .clone();
+        let send = match ready {
+            ConnState::Ready(send) => send,
+            ConnState::Failed(err) => return Err(HboneError::Dial(err)),
+            ConnState::Closed | ConnState::Dialing => {
+                return Ok(Ready::Refused(HboneError::PoolClosed));
+            }
+        };
+        match send.ready().await {
+            Ok(send) => Ok(Ready::Sender(send)),
+            Err(e) => Ok(Ready::Refused(e.into())),
+        }
+    }
+
+    /// Reserves a stream on a ready connection for a CONNECT the caller sends itself, together
+    /// with the first bytes (see [`crate::early`]). Falls back to [`Pool::connect`] (which
+    /// waits for the 200) when the chosen connection went away before taking the stream.
+    pub async fn open(
+        &self,
+        key: PoolKey,
+        tls: Arc<rustls::ClientConfig>,
+        request: ConnectRequest,
+    ) -> Result<Opening, HboneError> {
+        let uri = authority_uri(&request)?;
+        let slot = self.reserve(&key, &tls);
+        match self.ready_sender(&slot).await? {
+            Ready::Sender(sender) => Ok(Opening::Ready(Box::new(ReadyStream {
+                pool: self.clone(),
+                key,
+                tls,
+                request,
+                uri,
+                conn_id: slot.conn.id,
+                slot: Box::new(slot),
+                sender,
+            }))),
+            Ready::Refused(err) => {
+                tracing::debug!(dst = %key.dst, error = %err, "retrying CONNECT on a new connection");
+                self.shared.remove(&key, slot.conn.id);
+                drop(slot);
+                Ok(Opening::Established(self.connect(key, tls, request).await?))
+            }
+        }
+    }
+
+    /// Takes connection `id` out of the pool so the next request dials a new one.
+    pub(crate) fn forget(&self, key: &PoolKey, id: u64) {
+        self.shared.remove(key, id);
+    }
+}
+
+/// The `:authority` of a CONNECT as a URI (IPv6 rendered as `[a]:p`).
+fn authority_uri(request: &ConnectRequest) -> Result<Uri, HboneError> {
+    request
+        .authority
+        .to_string()
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| HboneError::InvalidRequest(e.to_string()))
+}
+
+/// A connection that can take a stream now, or why it cannot.
+enum Ready {
+    Sender(SendRequest<Bytes>),
+    Refused(HboneError),
+}
+
+/// Sends a CONNECT for `uri` on a ready connection.
+pub(crate) fn send_request(
+    send: &mut SendRequest<Bytes>,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Sent, HboneError> {
+    let mut req = Request::new(());
+    *req.method_mut() = Method::CONNECT;
+    *req.uri_mut() = uri.clone();
+    *req.headers_mut() = headers.clone();
+    match send.send_request(req, false) {
+        Ok((response, send_stream)) => Ok(Sent::Request(response, send_stream)),
+        // Neither a protocol reason nor io: h2 refused our headers (a caller bug).
+        Err(e) if e.reason().is_none() && !e.is_io() => {
+            Err(HboneError::InvalidRequest(e.to_string()))
+        }
+        Err(e) => Ok(Sent::Refused(e.into())),
+    }
+}
+
+/// Outcome of sending the CONNECT headers.
+pub(crate) enum Sent {
+    Request(h2::client::ResponseFuture, h2::SendStream<Bytes>),
+    /// The connection went away before taking the request.
+    Refused(HboneError),
 }
 
 enum Opened {
@@ -448,7 +418,7 @@ enum Opened {
 }
 
 /// Whether the server guarantees it did not process the stream.
-fn refused(err: &h2::Error) -> bool {
+pub(crate) fn refused(err: &h2::Error) -> bool {
     err.reason() == Some(h2::Reason::REFUSED_STREAM) || (err.is_go_away() && err.is_remote())
 }
 

@@ -193,6 +193,14 @@ pub(crate) mod testing {
         pub(crate) server: Arc<rustls::ServerConfig>,
     }
 
+    /// A CONNECT for `10.1.2.3:<port>` without extra headers (the echo server answers any).
+    pub(crate) fn connect_request(port: u16) -> crate::pool::ConnectRequest {
+        crate::pool::ConnectRequest {
+            authority: SocketAddr::new([10, 1, 2, 3].into(), port),
+            headers: http::HeaderMap::new(),
+        }
+    }
+
     pub(crate) fn test_tls() -> TestTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let key = rcgen::KeyPair::generate().unwrap();
@@ -229,6 +237,10 @@ pub(crate) mod testing {
         drain: Arc<Mutex<CancellationToken>>,
         /// TLS connections accepted so far.
         pub(crate) accepted: Arc<AtomicUsize>,
+        /// Requests still to be reset with REFUSED_STREAM before echoing resumes.
+        pub(crate) refuse: Arc<AtomicUsize>,
+        /// Requests that reached the handler.
+        pub(crate) requests: Arc<AtomicUsize>,
         _stop: tokio_util::sync::DropGuard,
     }
 
@@ -248,8 +260,11 @@ pub(crate) mod testing {
         let drain = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
         let accepted = Arc::new(AtomicUsize::new(0));
+        let refuse = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
         let (task_drain, task_stop, task_accepted) =
             (drain.clone(), stop.clone(), accepted.clone());
+        let (task_refuse, task_requests) = (refuse.clone(), requests.clone());
         tokio::spawn(async move {
             loop {
                 let tcp = tokio::select! {
@@ -260,12 +275,20 @@ pub(crate) mod testing {
                 let drain = task_drain.lock().unwrap().clone();
                 let (acceptor, settings) = (acceptor.clone(), settings.clone());
                 let stop = task_stop.clone();
+                let (refuse, requests) = (task_refuse.clone(), task_requests.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    let handler = move |req: InboundRequest| {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        let refused = refuse
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                        echo_handler(req, refused)
+                    };
                     tokio::select! {
-                        _ = serve(tls, &settings, drain, echo_handler) => {}
+                        _ = serve(tls, &settings, drain, handler) => {}
                         _ = stop.cancelled() => {}
                     }
                 });
@@ -275,11 +298,18 @@ pub(crate) mod testing {
             addr,
             drain,
             accepted,
+            refuse,
+            requests,
             _stop: stop.drop_guard(),
         }
     }
 
-    async fn echo_handler(req: InboundRequest) {
+    async fn echo_handler(mut req: InboundRequest, refuse: bool) {
+        if refuse {
+            // As a server does for a stream it will not process (safe for the client to retry).
+            req.respond.send_reset(h2::Reason::REFUSED_STREAM);
+            return;
+        }
         match req.parsed_authority() {
             Some(a) if a.port() == 1 => req.reject(http::StatusCode::FORBIDDEN),
             Some(_) if req.method() == http::Method::CONNECT => {

@@ -83,7 +83,7 @@ fn send_closed_error(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> io::
 }
 
 /// Waits until the stream may send at least one byte and returns how many (at most `want`).
-fn poll_send_capacity(
+pub(crate) fn poll_send_capacity(
     send: &mut SendStream<Bytes>,
     cx: &mut Context<'_>,
     want: usize,
@@ -333,19 +333,52 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let H2Stream {
-        mut send,
-        mut recv,
+        send,
+        recv,
         read_buf,
         recv_eof,
         send_closed,
         _guard,
     } = h2;
+    let up = UploadStart {
+        done: send_closed,
+        ..UploadStart::default()
+    };
+    copy_parts(tcp, send, recv, up, read_buf, recv_eof, _guard).await
+}
+
+/// How far the TCP -> HTTP/2 direction got before [`copy_parts`] takes over.
+#[derive(Debug, Default)]
+pub(crate) struct UploadStart {
+    /// Bytes read from TCP but not yet handed to h2.
+    pub(crate) pending: Bytes,
+    /// TCP reached EOF; END_STREAM still to send (after `pending`).
+    pub(crate) eof: bool,
+    /// END_STREAM already sent.
+    pub(crate) done: bool,
+    /// Bytes already handed to h2.
+    pub(crate) bytes: u64,
+}
+
+/// The pump behind [`copy_bidirectional`], starting from a given upload state.
+pub(crate) async fn copy_parts<A>(
+    tcp: &mut A,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    start: UploadStart,
+    read_buf: Bytes,
+    recv_eof: bool,
+    guard: Option<Box<dyn Send + Sync>>,
+) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let mut up = Upload {
         buf: BytesMut::new(),
-        pending: Bytes::new(),
-        eof: false,
-        done: send_closed,
-        bytes: 0,
+        pending: start.pending,
+        eof: start.eof,
+        done: start.done,
+        bytes: start.bytes,
     };
     let mut down = Download {
         pending: read_buf,
@@ -372,7 +405,7 @@ where
         }
     })
     .await?;
-    drop(_guard);
+    drop(guard);
     Ok((up.bytes, down.bytes))
 }
 

@@ -9,11 +9,12 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, reload};
 use ztunnel::app::{self, LogControl};
 use ztunnel::config::{Args, LogFormat};
+use ztunnel::logging::{FastFields, FlushGuard, LogWriter};
 
 fn main() -> anyhow::Result<()> {
     tune_malloc();
     let args = Args::parse();
-    let logs = init_logging(&args)?;
+    let (logs, _flush_on_exit) = init_logging(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))
         .thread_name("ztunnel-worker")
@@ -22,25 +23,28 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(app::run(args, logs))
 }
 
-fn init_logging(args: &Args) -> anyhow::Result<LogControl> {
+/// Sets up logging to stderr; access-log lines are batched until the returned guard drops.
+fn init_logging(args: &Args) -> anyhow::Result<(LogControl, FlushGuard)> {
     let filter = EnvFilter::try_new(&args.log_level)
         .map_err(|e| anyhow::anyhow!("invalid log filter {:?}: {e}", args.log_level))?;
     let (filter, handle) = reload::Layer::new(filter);
+    let (writer, guard) = LogWriter::stderr()?;
     let fmt = match args.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .boxed(),
         LogFormat::Plain => tracing_subscriber::fmt::layer()
             .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
+            .fmt_fields(FastFields)
+            .with_writer(writer)
             .boxed(),
     };
     tracing_subscriber::registry().with(filter).with(fmt).init();
     let current = Arc::new(std::sync::Mutex::new(args.log_level.clone()));
     let read = current.clone();
-    Ok(LogControl {
+    let control = LogControl {
         current: Arc::new(move || read.lock().map(|s| s.clone()).unwrap_or_default()),
         set: Arc::new(move |level: &str| {
             let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid filter: {e}"))?;
@@ -50,7 +54,8 @@ fn init_logging(args: &Args) -> anyhow::Result<LogControl> {
             }
             Ok(level.to_string())
         }),
-    })
+    };
+    Ok((control, guard))
 }
 
 /// Keeps glibc from handing copy buffers back to the kernel after every use: by default large

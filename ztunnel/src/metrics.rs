@@ -39,7 +39,7 @@ pub const UNKNOWN: &str = "unknown";
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Which end of the connection records the metric (Istio's `reporter` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reporter {
     /// The proxy on the client side (outbound).
     Source,
@@ -374,6 +374,26 @@ impl Metrics {
         }
     }
 
+    /// Counts a connection as opened on a series resolved earlier (see [`ConnectionSeries`]).
+    pub fn open_series(&self, series: &ConnectionSeries) -> ConnectionMetrics {
+        let h = series.handles.get_or_init(|| {
+            let values = series.labels.values();
+            SeriesHandles {
+                opened: self.tcp_opened.with_label_values(&values),
+                closed: self.tcp_closed.with_label_values(&values),
+                received: self.tcp_received_bytes.with_label_values(&values),
+                sent: self.tcp_sent_bytes.with_label_values(&values),
+            }
+        });
+        h.opened.inc();
+        ConnectionMetrics {
+            closed_counter: h.closed.clone(),
+            received: h.received.clone(),
+            sent: h.sent.clone(),
+            closed: false,
+        }
+    }
+
     /// Counts a connection that could not be established.
     pub fn connection_failed(&self, labels: &ConnectionLabels) {
         self.tcp_failed.with_label_values(&labels.values()).inc();
@@ -429,6 +449,37 @@ impl Metrics {
             tracing::warn!(error = %e, "failed to encode metrics");
         }
         String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// One label set of the `istio_tcp_*` series, with its counters looked up on first use and
+/// kept, so connections sharing the labels skip hashing 23 label values four times each.
+#[derive(Debug)]
+pub struct ConnectionSeries {
+    labels: ConnectionLabels,
+    handles: std::sync::OnceLock<SeriesHandles>,
+}
+
+#[derive(Debug)]
+struct SeriesHandles {
+    opened: IntCounter,
+    closed: IntCounter,
+    received: IntCounter,
+    sent: IntCounter,
+}
+
+impl ConnectionSeries {
+    /// A series for `labels`; nothing is registered until a connection opens on it.
+    pub fn new(labels: ConnectionLabels) -> Self {
+        Self {
+            labels,
+            handles: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The label values.
+    pub fn labels(&self) -> &ConnectionLabels {
+        &self.labels
     }
 }
 

@@ -22,9 +22,8 @@ fn new_socket(addr: &SocketAddr) -> io::Result<Socket> {
     } else {
         Domain::IPV6
     };
-    let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
-    s.set_cloexec(true)?;
-    Ok(s)
+    // socket2 sets SOCK_CLOEXEC on Linux at creation; no extra fcntl.
+    Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))
 }
 
 fn set_transparent(s: &Socket, ipv4: bool) -> io::Result<()> {
@@ -74,8 +73,9 @@ pub fn upstream_socket(
     dst: SocketAddr,
     spoof: Option<IpAddr>,
 ) -> io::Result<TcpSocket> {
-    let std_stream = netns.run(|| {
-        let s = new_socket(&dst)?;
+    // Options, bind and connect act on the socket's own netns, so only creation is netns-bound.
+    let std_stream = {
+        let s = netns.tcp_socket(dst.is_ipv4())?;
         s.set_mark(ZTUNNEL_MARK)?;
         s.set_tcp_nodelay(true)?;
         if let Some(src) = spoof.filter(|src| src.is_ipv4() == dst.is_ipv4()) {
@@ -91,8 +91,8 @@ pub fn upstream_socket(
                 .map_err(io::Error::from)?;
             s.bind(&SocketAddr::new(src, 0).into())?;
         }
-        Ok(std::net::TcpStream::from(s))
-    })?;
+        std::net::TcpStream::from(s)
+    };
     Ok(TcpSocket::from_std_stream(std_stream))
 }
 

@@ -53,6 +53,17 @@ struct Args {
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
+    /// Run only these tests (comma-separated: throughput, latency, conns, http); skipped rows
+    /// show zeros. For quick iteration and profiling one workload at a time.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+impl Args {
+    /// Whether test `name` should run.
+    fn runs(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|t| t == name)
+    }
 }
 
 /// Results of one path; the CPU fields are ztunnel's CPU seconds per test (mesh only).
@@ -131,13 +142,43 @@ fn measure(
         }
     };
 
-    progress("single-stream throughput");
-    let (throughput, c0) = timed(zt_pid, || load::throughput(&servers, ns, ip, dur))?;
-    progress("request/response latency");
-    let (latency, c1) = timed(zt_pid, || load::latency(ns, ip, 1_000, args.round_trips))?;
-    progress("new connections per second");
-    let (conns, c2) = timed(zt_pid, || load::conn_rate(ns, ip, CONN_THREADS, dur))?;
+    let (mut throughput, mut c0) = (
+        load::Throughput {
+            bytes: 0,
+            secs: 0.0,
+        },
+        None,
+    );
+    if args.runs("throughput") {
+        progress("single-stream throughput");
+        (throughput, c0) = timed(zt_pid, || load::throughput(&servers, ns, ip, dur))?;
+    }
+    let (mut latency, mut c1) = (
+        load::Latency {
+            p50_us: 0.0,
+            p99_us: 0.0,
+            samples: 0,
+        },
+        None,
+    );
+    if args.runs("latency") {
+        progress("request/response latency");
+        (latency, c1) = timed(zt_pid, || load::latency(ns, ip, 1_000, args.round_trips))?;
+    }
+    let (mut conns, mut c2) = (
+        load::ConnRate {
+            completed: 0,
+            errors: 0,
+            secs: 0.0,
+        },
+        None,
+    );
+    if args.runs("conns") {
+        progress("new connections per second");
+        (conns, c2) = timed(zt_pid, || load::conn_rate(ns, ip, CONN_THREADS, dur))?;
+    }
     let (http, c3) = match tools {
+        _ if !args.runs("http") => (Err("skipped (--only)".to_string()), None),
         Err(missing) => (
             Err(format!(
                 "skipped: {missing} not installed (run scripts/bench.sh, which installs them)"
@@ -153,6 +194,8 @@ fn measure(
             (r.map_err(|e| format!("failed: {e:#}")), cpu)
         }
     };
+    // Marks the end of the measured part, for profilers driven by these progress lines.
+    progress("done");
     Ok(PathResult {
         throughput,
         latency,

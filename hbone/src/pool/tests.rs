@@ -1,12 +1,16 @@
 //! Pool tests against a real TLS + HTTP/2 echo server on localhost.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
+use crate::identity::Identity;
 use crate::server::ServerSettings;
-use crate::server::testing::{TestServer, TestTls, echo_server, test_tls};
+use crate::server::testing::{
+    TestServer, TestTls, connect_request as request, echo_server, test_tls,
+};
 
 fn key(dst: SocketAddr) -> PoolKey {
     PoolKey::new(
@@ -18,13 +22,6 @@ fn key(dst: SocketAddr) -> PoolKey {
         "10.0.0.1".parse().unwrap(),
         dst,
     )
-}
-
-fn request(port: u16) -> ConnectRequest {
-    ConnectRequest {
-        authority: SocketAddr::new("10.1.2.3".parse().unwrap(), port),
-        headers: HeaderMap::new(),
-    }
 }
 
 async fn setup(config: PoolConfig) -> (Pool, TestTls, TestServer) {

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use super::ProxyInputs;
 use super::conntrack::TrackedConnection;
 use crate::accesslog::ConnectionLog;
-use crate::metrics::ConnectionLabels;
+use crate::metrics::ConnectionSeries;
 use crate::rbac;
 use crate::socket;
 use crate::state::Workload;
@@ -39,7 +39,7 @@ pub fn admit<'a>(
     inputs: &'a ProxyInputs,
     local: &Workload,
     conn: rbac::Connection,
-    labels: &ConnectionLabels,
+    labels: &ConnectionSeries,
     log: &mut ConnectionLog,
     started: Instant,
 ) -> Option<TrackedConnection<'a>> {
@@ -63,12 +63,12 @@ pub fn admit<'a>(
 /// Counts a failed connection and writes its access-log line.
 pub fn fail(
     inputs: &ProxyInputs,
-    labels: &ConnectionLabels,
+    labels: &ConnectionSeries,
     log: &mut ConnectionLog,
     started: Instant,
     error: String,
 ) {
-    inputs.shared.metrics.connection_failed(labels);
+    inputs.shared.metrics.connection_failed(labels.labels());
     log.error = Some(error);
     log.duration = started.elapsed();
     log.emit();
@@ -80,12 +80,12 @@ pub fn fail(
 pub async fn relay(
     inputs: &ProxyInputs,
     tracked: TrackedConnection<'_>,
-    labels: &ConnectionLabels,
+    labels: &ConnectionSeries,
     mut log: ConnectionLog,
     started: Instant,
     copy: impl Future<Output = std::io::Result<(u64, u64)>>,
 ) {
-    let mut guard = inputs.shared.metrics.open_connection(labels);
+    let mut guard = inputs.shared.metrics.open_series(labels);
     let copied = tokio::select! {
         r = copy => r.map_err(|e| e.to_string()),
         _ = tracked.denied() => Err("closed: denied by updated policy".to_string()),

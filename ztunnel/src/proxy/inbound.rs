@@ -14,10 +14,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::telemetry::{peer_labels, service_labels};
+use super::telemetry::{SeriesKey, peer_labels, service_labels};
 use super::{ProxyInputs, accept_loop, deliver};
 use crate::accesslog::{ConnectionLog, Direction};
-use crate::metrics::{ConnectionLabels, Reporter, reporter_labels};
+use crate::metrics::{ConnectionLabels, ConnectionSeries, Reporter, reporter_labels};
 use crate::rbac;
 use crate::socket;
 use crate::state::{NetworkAddress, Workload};
@@ -152,8 +152,9 @@ async fn handle_request(
         let addr = NetworkAddress::new(inputs.shared.config.network.clone(), peer.ip());
         inputs.shared.state.read().workload_by_ip(&addr)
     };
-    let labels = inbound_labels(
-        src_workload.as_deref(),
+    let labels = inbound_series(
+        &inputs,
+        src_workload.as_ref(),
         peer_identity.as_ref(),
         &local,
         true,
@@ -195,6 +196,27 @@ async fn handle_request(
         Ok((from_client, to_client))
     };
     deliver::relay(&inputs, tracked, &labels, log, started, copy).await;
+}
+
+/// The cached metric series for a connection reported by the destination side.
+pub fn inbound_series(
+    inputs: &ProxyInputs,
+    src: Option<&Arc<Workload>>,
+    src_identity: Option<&Identity>,
+    dst: &Arc<Workload>,
+    mtls: bool,
+) -> Arc<ConnectionSeries> {
+    let key = SeriesKey::new(
+        Reporter::Destination,
+        src,
+        src_identity,
+        Some(dst),
+        None,
+        mtls,
+    );
+    inputs.series.get(key, || {
+        inbound_labels(src.map(|w| &**w), src_identity, dst, mtls)
+    })
 }
 
 /// Labels for a connection reported by the destination side.

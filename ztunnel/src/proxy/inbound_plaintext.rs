@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::inbound::inbound_labels;
+use super::inbound::inbound_series;
 use super::{ProxyInputs, accept_loop, deliver};
 use crate::accesslog::{ConnectionLog, Direction};
 use crate::rbac;
@@ -55,7 +55,7 @@ async fn handle(inputs: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
         let addr = NetworkAddress::new(inputs.shared.config.network.clone(), peer.ip());
         inputs.shared.state.read().workload_by_ip(&addr)
     };
-    let labels = inbound_labels(src_workload.as_deref(), None, &local, false);
+    let labels = inbound_series(&inputs, src_workload.as_ref(), None, &local, false);
     log.src_workload = src_workload.as_ref().map(|w| w.name.clone());
     log.src_namespace = src_workload.as_ref().map(|w| w.namespace.clone());
     log.dst_workload = Some(local.name.clone());

@@ -117,6 +117,10 @@ pub struct ProxyInputs {
     server_tls: std::sync::Mutex<Option<(Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>)>>,
     /// TLS client configs per expected peer identities, for the current certificate.
     client_tls: std::sync::Mutex<HashMap<Vec<Identity>, ClientTls>>,
+    /// Metric series of recent connections, by the workloads involved.
+    pub series: telemetry::SeriesCache,
+    /// The served workload's identity (fixed for the proxy's life).
+    own_identity: Identity,
 }
 
 type ClientTls = (Arc<WorkloadCertificate>, Arc<rustls::ClientConfig>);
@@ -127,11 +131,7 @@ const CLIENT_TLS_CACHE: usize = 1024;
 impl ProxyInputs {
     /// The SPIFFE identity of the served workload.
     pub fn identity(&self) -> Identity {
-        Identity::new(
-            self.shared.config.trust_domain.clone(),
-            self.info.namespace.clone(),
-            self.info.service_account.clone(),
-        )
+        self.own_identity.clone()
     }
 
     /// The TLS server config presenting the workload's current certificate.
@@ -244,6 +244,11 @@ impl Proxy {
             }),
         );
         let conns = conntrack::ConnectionTracker::default();
+        let own_identity = Identity::new(
+            shared.config.trust_domain.clone(),
+            info.namespace.clone(),
+            info.service_account.clone(),
+        );
         let inputs = Arc::new(ProxyInputs {
             shared,
             info,
@@ -253,6 +258,8 @@ impl Proxy {
             force_close: CancellationToken::new(),
             server_tls: std::sync::Mutex::new(None),
             client_tls: std::sync::Mutex::new(HashMap::new()),
+            series: telemetry::SeriesCache::default(),
+            own_identity,
         });
         Ok(Self {
             inputs,

@@ -5,16 +5,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hbone::Identity;
+use hbone::early::TunnelError;
 use hbone::pool::{ConnectRequest, PoolKey};
+use hbone::{HboneError, Identity};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::telemetry::{connect_headers, peer_labels, service_labels};
+use super::telemetry::{SeriesKey, connect_headers, peer_labels, service_labels};
 use super::{HBONE_PORT, OUTBOUND_PORT, ProxyInputs, accept_loop};
 use crate::accesslog::{ConnectionLog, Direction};
-use crate::metrics::{Reporter, reporter_labels};
+use crate::metrics::{ConnectionSeries, Reporter, reporter_labels};
 use crate::socket;
 use crate::state::{GatewayAddress, GatewayDestination, NetworkAddress, Service, Workload};
 
@@ -254,15 +255,26 @@ async fn handle(inputs: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
         .as_ref()
         .filter(|_| mtls)
         .map(|w| w.identity().to_string());
-    let mut labels = reporter_labels(
-        Some(Reporter::Source),
-        &peer_labels(src_workload.as_deref(), Some(src_identity.to_string())),
-        &peer_labels(workload.as_deref(), dst_principal.clone()),
-        &service_labels(service.as_deref()),
+    let key = SeriesKey::new(
+        Reporter::Source,
+        src_workload.as_ref(),
+        None,
+        workload.as_ref(),
+        service.as_ref(),
+        mtls,
     );
-    if mtls {
-        labels.connection_security_policy = "mutual_tls".into();
-    }
+    let series = inputs.series.get(key, || {
+        let mut labels = reporter_labels(
+            Some(Reporter::Source),
+            &peer_labels(src_workload.as_deref(), Some(src_identity.to_string())),
+            &peer_labels(workload.as_deref(), dst_principal.clone()),
+            &service_labels(service.as_deref()),
+        );
+        if mtls {
+            labels.connection_security_policy = "mutual_tls".into();
+        }
+        labels
+    });
     log.dst_workload = workload.as_ref().map(|w| w.name.clone());
     log.dst_namespace = workload.as_ref().map(|w| w.namespace.clone());
     log.dst_service = service.as_ref().map(|s| s.hostname.clone());
@@ -291,13 +303,13 @@ async fn handle(inputs: Arc<ProxyInputs>, mut client: TcpStream, peer: SocketAdd
                 peer,
                 hbone_addr,
                 ConnectRequest { authority, headers },
-                &labels,
+                &series,
             )
             .await
         }
         Upstream::Passthrough { addr, .. } => {
             log.dst_addr = addr;
-            passthrough(&inputs, &mut client, addr, &labels).await
+            passthrough(&inputs, &mut client, addr, &series).await
         }
     };
     match result {
@@ -321,11 +333,11 @@ async fn tunnel(
     peer: SocketAddr,
     hbone_addr: SocketAddr,
     request: ConnectRequest,
-    labels: &crate::metrics::ConnectionLabels,
+    series: &ConnectionSeries,
 ) -> Result<(u64, u64), String> {
     let metrics = &inputs.shared.metrics;
     let fail = |e: String| {
-        metrics.connection_failed(labels);
+        metrics.connection_failed(series.labels());
         e
     };
     let cert = inputs
@@ -345,17 +357,35 @@ async fn tunnel(
         src_ip: peer.ip(),
         dst: hbone_addr,
     };
-    let connect = inputs.pool.connect(key, tls, request);
-    let stream = tokio::time::timeout(inputs.shared.config.connect_timeout, connect)
+    // The tunnel is up once the peer answers 200, but the client's first bytes go out right
+    // behind the CONNECT instead of waiting for that (hbone::early).
+    let deadline = tokio::time::Instant::now() + inputs.shared.config.connect_timeout;
+    let open = inputs.pool.open(key, tls, request);
+    let opening = tokio::time::timeout_at(deadline, open)
         .await
         .map_err(|_| fail(format!("HBONE connect to {hbone_addr} timed out")))?
         .map_err(|e| fail(format!("HBONE connect to {hbone_addr}: {e}")))?;
-    let mut guard = metrics.open_connection(labels);
-    let copied = tokio::select! {
-        r = hbone::stream::copy_bidirectional(client, stream) => r,
-        _ = inputs.force_close.cancelled() => Err(std::io::Error::other("drain deadline")),
+    let mut guard = None;
+    let relayed = tokio::select! {
+        r = hbone::early::tunnel(client, opening, deadline, || {
+            guard = Some(metrics.open_series(series));
+        }) => r,
+        _ = inputs.force_close.cancelled() => {
+            Err(TunnelError::Io(std::io::Error::other("drain deadline")))
+        }
     };
-    match copied {
+    let Some(mut guard) = guard else {
+        // Never established: counted as a failed connection, like a failed connect.
+        return Err(fail(match relayed {
+            Err(TunnelError::Connect(HboneError::ConnectTimeout)) => {
+                format!("HBONE connect to {hbone_addr} timed out")
+            }
+            Err(TunnelError::Connect(e)) => format!("HBONE connect to {hbone_addr}: {e}"),
+            Err(TunnelError::Io(e)) => e.to_string(),
+            Ok(_) => "tunnel ended before it was established".to_string(),
+        }));
+    };
+    match relayed {
         Ok((sent, recv)) => {
             guard.record_bytes(sent, recv);
             guard.close();
@@ -373,22 +403,22 @@ async fn passthrough(
     inputs: &ProxyInputs,
     client: &mut TcpStream,
     addr: SocketAddr,
-    labels: &crate::metrics::ConnectionLabels,
+    series: &ConnectionSeries,
 ) -> Result<(u64, u64), String> {
     let connect = socket::connect(&inputs.netns, addr, None);
     let mut upstream =
         match tokio::time::timeout(inputs.shared.config.connect_timeout, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                inputs.shared.metrics.connection_failed(labels);
+                inputs.shared.metrics.connection_failed(series.labels());
                 return Err(format!("connect {addr}: {e}"));
             }
             Err(_) => {
-                inputs.shared.metrics.connection_failed(labels);
+                inputs.shared.metrics.connection_failed(series.labels());
                 return Err(format!("connect {addr}: timed out"));
             }
         };
-    let mut guard = inputs.shared.metrics.open_connection(labels);
+    let mut guard = inputs.shared.metrics.open_series(series);
     let copied = tokio::select! {
         r = tokio::io::copy_bidirectional(client, &mut upstream) => r,
         _ = inputs.force_close.cancelled() => Err(std::io::Error::other("drain deadline")),

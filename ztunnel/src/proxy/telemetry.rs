@@ -1,11 +1,116 @@
 //! Turning workloads into metric labels and HBONE request headers.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
+use hbone::Identity;
 use http::{HeaderMap, HeaderValue};
 
-use crate::metrics::{PeerLabels, ServiceLabels, UNKNOWN};
+use crate::metrics::{
+    ConnectionLabels, ConnectionSeries, PeerLabels, Reporter, ServiceLabels, UNKNOWN,
+};
 use crate::state::{Service, Workload};
+
+/// Upper bound on cached label sets per proxy; the cache starts over when it is reached.
+const SERIES_CACHE: usize = 4096;
+
+/// An `Arc` compared and hashed by address. Holding the `Arc` keeps the address from being
+/// reused, so equal pointers always mean the same (immutable) state object.
+#[derive(Debug)]
+struct ByPtr<T>(Arc<T>);
+
+impl<T> Clone for ByPtr<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> PartialEq for ByPtr<T> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl<T> Eq for ByPtr<T> {}
+
+impl<T> Hash for ByPtr<T> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), state)
+    }
+}
+
+/// Everything the labels of a connection are computed from. Workloads and services are
+/// replaced (never mutated) on config changes, so a changed workload is a new key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SeriesKey {
+    reporter: Reporter,
+    src: Option<ByPtr<Workload>>,
+    src_principal: Option<Identity>,
+    dst: Option<ByPtr<Workload>>,
+    service: Option<ByPtr<Service>>,
+    mtls: bool,
+}
+
+impl SeriesKey {
+    /// Key for a connection seen by `reporter`. `src_principal` is the proven peer identity
+    /// (inbound); outbound the source principal is the proxy's own, fixed per cache.
+    pub fn new(
+        reporter: Reporter,
+        src: Option<&Arc<Workload>>,
+        src_principal: Option<&Identity>,
+        dst: Option<&Arc<Workload>>,
+        service: Option<&Arc<Service>>,
+        mtls: bool,
+    ) -> Self {
+        Self {
+            reporter,
+            src: src.map(|w| ByPtr(w.clone())),
+            src_principal: src_principal.cloned(),
+            dst: dst.map(|w| ByPtr(w.clone())),
+            service: service.map(|s| ByPtr(s.clone())),
+            mtls,
+        }
+    }
+}
+
+/// Per-proxy cache of resolved metric series, so a connection between the same workloads
+/// reuses its label values and counter handles instead of rebuilding them.
+#[derive(Default)]
+pub struct SeriesCache {
+    map: Mutex<HashMap<SeriesKey, Arc<ConnectionSeries>>>,
+}
+
+impl SeriesCache {
+    /// The series for `key`, building its labels with `labels` on a miss.
+    pub fn get(
+        &self,
+        key: SeriesKey,
+        labels: impl FnOnce() -> ConnectionLabels,
+    ) -> Arc<ConnectionSeries> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(&key) {
+            return s.clone();
+        }
+        if map.len() >= SERIES_CACHE {
+            map.clear();
+        }
+        let series = Arc::new(ConnectionSeries::new(labels()));
+        map.insert(key, series.clone());
+        series
+    }
+
+    /// Number of cached label sets.
+    pub fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 fn or_unknown(s: &str) -> String {
     if s.is_empty() {
