@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [ "$(id -u)" -ne 0 ]; then
+  echo "test.sh: needs root (the tests create network namespaces); run it with sudo" >&2
+  exit 1
+fi
+
 need=()
 for pkg in iproute2 nftables curl iperf3 containernetworking-plugins; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
@@ -13,7 +18,9 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+for comp in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$comp" || rustup component add "$comp"
+done
 cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
 # A one-shot build gains nothing from incremental caches; they only fill the disk.
