@@ -321,10 +321,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tracing::error!(error = %e, "TLS xDS/CA server failed");
         }
     });
-    servers.spawn(monitoring::serve(
+    servers.spawn(monitoring::serve_with_debug(
         mon,
         registry,
         ready.check(),
+        debug_routes(&xds),
         shutdown.clone(),
     ));
 
@@ -337,6 +338,43 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
     Ok(())
+}
+
+/// The monitoring port's debug endpoints. `/debug/connections` lists every connected proxy
+/// with its own counters (Istio's istiod serves the same path), which would be too many series
+/// for Prometheus in a large cluster.
+fn debug_routes(xds: &XdsServer) -> monitoring::DebugRoutes {
+    let xds = xds.clone();
+    let connections: monitoring::DebugHandler =
+        Arc::new(move || connections_json(&xds.connections()).to_string());
+    Arc::new(vec![("/debug/connections", connections)])
+}
+
+/// `{"totalClients": N, "clients": [...]}`, one entry per xDS stream, oldest first.
+fn connections_json(conns: &[crate::xds::ConnectionInfo]) -> serde_json::Value {
+    let mut clients: Vec<_> = conns
+        .iter()
+        .map(|c| {
+            let since = c
+                .connected_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            serde_json::json!({
+                "connectionId": c.id,
+                "proxyId": c.node_id,
+                "callerNode": c.caller_node,
+                "connectedAt": humantime::format_rfc3339_seconds(c.connected_at).to_string(),
+                "connectedAtUnix": since,
+                "responses": c.responses,
+                "resourcesSent": c.resources_sent,
+                "acks": c.acks,
+                "nacks": c.nacks,
+            })
+        })
+        .collect();
+    clients.sort_by_key(|c| c["connectionId"].as_u64());
+    serde_json::json!({ "totalClients": clients.len(), "clients": clients })
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

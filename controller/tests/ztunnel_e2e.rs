@@ -95,4 +95,60 @@ fn ztunnel_gets_config_and_certs_from_the_controller_and_policy_changes_apply_li
     assert!(eventually(Duration::from_secs(5), || {
         mesh.connect().and_then(|mut c| c.greeting()).is_ok()
     }));
+
+    // A malformed document (an unknown field) is counted and rejected; the rest of the
+    // config keeps working, and no deny-all takes its place.
+    mesh.write_k8s("broken.yaml", BROKEN_POLICY);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            e2e::ztunnel::metric_sum(
+                &controller.metrics(),
+                "mesh_controller_config_errors_total",
+                &[("source", "files")],
+            ) >= 1.0
+        }),
+        "config error counted\n{}",
+        controller.log()
+    );
+    assert!(
+        controller.log().contains("notAField"),
+        "the error names the bad field\n{}",
+        controller.log()
+    );
+    mesh.connect()
+        .and_then(|mut c| c.greeting())
+        .expect("traffic unaffected by the rejected document");
+
+    // Every connected proxy is listed with its own xDS counters.
+    let (status, body) = controller
+        .get(15014, "/debug/connections")
+        .expect("GET /debug/connections");
+    assert_eq!(status, 200, "{body}");
+    let conns: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(conns["totalClients"], 1, "{conns}");
+    let client = &conns["clients"][0];
+    assert!(
+        client["proxyId"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("ztunnel~"),
+        "{conns}"
+    );
+    assert_eq!(client["callerNode"], "node1", "{conns}");
+    assert!(client["acks"].as_u64().unwrap_or(0) >= 2, "{conns}");
+    assert_eq!(client["nacks"], 0, "{conns}");
+    assert!(
+        client["resourcesSent"].as_u64().unwrap_or(0) >= 3,
+        "{conns}"
+    );
 }
+
+const BROKEN_POLICY: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: broken
+  namespace: default
+spec:
+  action: DENY
+  notAField: true
+"#;

@@ -1,7 +1,8 @@
 //! The monitoring port every long-running mesh component serves (the controller and the node
 //! agent on 15014): `GET /metrics` in Prometheus text format, `GET /healthz/ready` (also
 //! `/ready`) answering 200 `ready` or 503 `not ready: <what is pending>`, and
-//! `GET /healthz/live`.
+//! `GET /healthz/live`, plus any read-only JSON debug endpoints the component adds (e.g. the
+//! controller's `/debug/connections`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,6 +22,12 @@ use tokio_util::sync::CancellationToken;
 /// Says whether the component is ready, or what it is still waiting for.
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// Renders the JSON body of one debug endpoint at request time.
+pub type DebugHandler = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Read-only JSON endpoints served beside `/metrics`, by exact path (e.g. `/debug/connections`).
+pub type DebugRoutes = Arc<Vec<(&'static str, DebugHandler)>>;
+
 fn respond(
     status: StatusCode,
     content_type: &str,
@@ -34,7 +41,15 @@ fn respond(
     r
 }
 
-fn route(path: &str, registry: &Registry, ready: &ReadyCheck) -> Response<Full<Bytes>> {
+fn route(
+    path: &str,
+    registry: &Registry,
+    ready: &ReadyCheck,
+    debug: &DebugRoutes,
+) -> Response<Full<Bytes>> {
+    if let Some((_, handler)) = debug.iter().find(|(p, _)| *p == path) {
+        return respond(StatusCode::OK, "application/json", handler());
+    }
     match path {
         "/metrics" | "/stats/prometheus" => {
             let mut buf = Vec::new();
@@ -68,6 +83,17 @@ pub async fn serve(
     ready: ReadyCheck,
     shutdown: CancellationToken,
 ) {
+    serve_with_debug(listener, registry, ready, Arc::new(Vec::new()), shutdown).await
+}
+
+/// Like [`serve`], with extra JSON debug endpoints.
+pub async fn serve_with_debug(
+    listener: TcpListener,
+    registry: Registry,
+    ready: ReadyCheck,
+    debug: DebugRoutes,
+    shutdown: CancellationToken,
+) {
     let mut conns = JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -82,10 +108,10 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
-        let (registry, ready) = (registry.clone(), ready.clone());
+        let (registry, ready, debug) = (registry.clone(), ready.clone(), debug.clone());
         conns.spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let resp = route(req.uri().path(), &registry, &ready);
+                let resp = route(req.uri().path(), &registry, &ready, &debug);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = http1::Builder::new()
@@ -124,8 +150,9 @@ mod tests {
             })
         };
         let r = Registry::new();
+        let none: DebugRoutes = Arc::new(Vec::new());
         assert_eq!(
-            body(route("/healthz/ready", &r, &ready)).await,
+            body(route("/healthz/ready", &r, &ready, &none)).await,
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready: config source not synced\n".into()
@@ -133,11 +160,39 @@ mod tests {
         );
         flag.store(true, Ordering::SeqCst);
         assert_eq!(
-            body(route("/ready", &r, &ready)).await,
+            body(route("/ready", &r, &ready, &none)).await,
             (StatusCode::OK, "ready\n".into())
         );
         assert_eq!(
-            body(route("/nope", &r, &ready)).await.0,
+            body(route("/nope", &r, &ready, &none)).await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[tokio::test]
+    async fn debug_routes_render_at_request_time_and_unknown_paths_stay_404() {
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        let handler: DebugHandler = Arc::new(move || {
+            let n = h.fetch_add(1, Ordering::SeqCst) + 1;
+            format!("{{\"calls\":{n}}}")
+        });
+        let debug: DebugRoutes = Arc::new(vec![("/debug/connections", handler)]);
+        let (r, ready): (Registry, ReadyCheck) = (Registry::new(), Arc::new(|| Ok(())));
+        let resp = route("/debug/connections", &r, &ready, &debug);
+        assert_eq!(
+            resp.headers()[hyper::header::CONTENT_TYPE],
+            "application/json"
+        );
+        assert_eq!(body(resp).await, (StatusCode::OK, "{\"calls\":1}".into()));
+        assert_eq!(
+            body(route("/debug/connections", &r, &ready, &debug))
+                .await
+                .1,
+            "{\"calls\":2}"
+        );
+        assert_eq!(
+            body(route("/debug/other", &r, &ready, &debug)).await.0,
             StatusCode::NOT_FOUND
         );
     }
