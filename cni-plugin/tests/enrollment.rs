@@ -223,7 +223,26 @@ fn deleted_rules_are_repaired_and_restarts_keep_pods_enrolled() {
     assert!(eventually(Duration::from_secs(20), || node.ztunnel_knows(b_ip)));
     echo(&a.netns, app(b_ip)).unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
 
-    // Someone deletes the outbound chain's rules by hand: the agent puts them back.
+    // Someone deletes the pod's redirection rules by hand: the agent puts the same ruleset
+    // back, and traffic is captured (mTLS) again, not sent around ztunnel in plaintext.
+    let ruleset = || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &a.netns,
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "istio-ambient",
+            ])
+            .output()
+            .expect("nft list");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let programmed = ruleset();
+    assert!(programmed.contains("15001"), "{programmed}");
     e2e::netns::sh(&[
         "ip",
         "netns",
@@ -242,7 +261,18 @@ fn deleted_rules_are_repaired_and_restarts_keep_pods_enrolled() {
         "drift detected and repaired\n{}",
         node.logs()
     );
+    assert!(
+        eventually(Duration::from_secs(10), || ruleset() == programmed),
+        "ruleset restored as programmed\n{}",
+        ruleset()
+    );
+    let before = mtls_connections(&node, "a");
     echo(&a.netns, app(b_ip)).expect("traffic after repair");
+    assert!(
+        eventually(Duration::from_secs(5), || mtls_connections(&node, "a")
+            > before),
+        "traffic after repair goes over mTLS"
+    );
 
     // Agent restart: pods stay enrolled (rules kept, ztunnel keeps serving them).
     node.stop_agent();

@@ -185,10 +185,26 @@ fn quickstart_mesh_end_to_end_through_the_sandbox() {
             .succeeds("bookinfo/sleep", pp)),
         "sleep -> productpage"
     );
-    let one = sb.call("bookinfo/sleep", pp);
-    let body: Value =
-        serde_json::from_str(one["body"].as_str().unwrap_or("{}")).unwrap_or_default();
-    let _ = body;
+    // One request, so the summary carries the body: productpage answered with what details
+    // and reviews (on the other node) told it.
+    let one = sb.call_n("bookinfo/sleep", pp, 1, 1);
+    let body = &one["body"];
+    assert!(
+        body["pod"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("productpage"),
+        "{one}"
+    );
+    let upstream = body["upstream"].as_array().cloned().unwrap_or_default();
+    assert_eq!(upstream.len(), 2, "details and reviews called: {one}");
+    for (u, name) in upstream.iter().zip(["details", "reviews"]) {
+        assert_eq!(u["ok"], true, "{name}: {u}");
+        assert!(
+            u["body"]["pod"].as_str().unwrap_or("").starts_with(name),
+            "{name} answered: {u}"
+        );
+    }
     let sleep_ip = sleep["ip"].as_str().unwrap().to_string();
     let peers = one["peer_ips"].to_string();
     assert!(
@@ -286,11 +302,45 @@ fn quickstart_mesh_end_to_end_through_the_sandbox() {
         "PERMISSIVE admits plaintext"
     );
 
-    // DENY by namespace, once legacy is in the mesh.
+    // Labelling a namespace enrolls its running pods: no restart (same uid, same container
+    // process), and their traffic is now mTLS with their own SPIFFE identity.
+    let before = sb.pod("legacy", "legacy-sleep");
+    assert!(
+        before["containers"][0]["pid"].as_i64().is_some(),
+        "{before}"
+    );
+    let legacy_mtls = || {
+        sb.ztunnel_metric(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("security_policy", "mutual_tls"),
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/legacy/sa/default",
+                ),
+            ],
+        )
+    };
+    assert_eq!(legacy_mtls(), 0.0, "legacy was plaintext so far");
     sb.ok(&["apply", "-f", &quickstart("try/legacy-ambient.yaml")]);
     assert!(eventually(Duration::from_secs(15), || sb
         .pod("legacy", "legacy-sleep")["ambient"]
         == true));
+    let after = sb.pod("legacy", "legacy-sleep");
+    assert_eq!(after["uid"], before["uid"], "same pod");
+    assert_eq!(
+        after["containers"], before["containers"],
+        "container not restarted"
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || sb
+            .succeeds("legacy/legacy-sleep", pp)
+            && legacy_mtls() > 0.0),
+        "enrolled running pod talks mTLS as spiffe://cluster.local/ns/legacy/sa/default"
+    );
+
+    // DENY by namespace, now that legacy is in the mesh.
     sb.ok(&["apply", "-f", &quickstart("try/deny-legacy.yaml")]);
     assert!(
         eventually(Duration::from_secs(15), || sb
@@ -302,9 +352,32 @@ fn quickstart_mesh_end_to_end_through_the_sandbox() {
     // ztunnel restart and rolling upgrade under load, policy closing a live connection.
     lifecycle::run(&sb);
 
-    // down leaves nothing behind.
+    // down leaves nothing behind: no process it started (components and containers, as
+    // recorded in its state), no netns, no host link, no file.
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(sb.state.join("state.json")).expect("read state.json"),
+    )
+    .expect("state.json is JSON");
+    let mut started = Vec::new();
+    recorded_processes(&state, &mut started);
+    assert!(
+        started.len() >= 5,
+        "controller, 2 agents, 2 ztunnels and the pods recorded: {started:?}"
+    );
+    assert!(started.iter().all(|p| alive(*p)), "all running before down");
     sb.ok(&["down"]);
     sb.up = false;
+    let left: Vec<_> = started.iter().filter(|p| alive(**p)).collect();
+    assert!(left.is_empty(), "processes left running: {left:?}");
+    let links = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(!links.contains("msb"), "host links left: {links}");
     let netns = String::from_utf8_lossy(
         &Command::new("ip")
             .args(["netns", "list"])
@@ -322,4 +395,36 @@ fn quickstart_mesh_end_to_end_through_the_sandbox() {
         etc.iter().all(|n| !n.to_string_lossy().starts_with("msb-")),
         "/etc/netns entries left: {etc:?}"
     );
+}
+
+/// Every `{pid, start_time}` process record anywhere in the sandbox state.
+fn recorded_processes(v: &Value, out: &mut Vec<(i64, u64)>) {
+    match v {
+        Value::Object(m) => {
+            if let (Some(pid), Some(start)) = (
+                m.get("pid").and_then(Value::as_i64),
+                m.get("start_time").and_then(Value::as_u64),
+            ) {
+                out.push((pid, start));
+            }
+            m.values().for_each(|v| recorded_processes(v, out));
+        }
+        Value::Array(a) => a.iter().for_each(|v| recorded_processes(v, out)),
+        _ => {}
+    }
+}
+
+/// True while the recorded process (same pid and start time) exists and is not a zombie.
+fn alive((pid, start): (i64, u64)) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Fields after the parenthesised command: state is the 1st, start time the 20th.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first().copied().unwrap_or("X");
+    let started = fields.get(19).and_then(|t| t.parse::<u64>().ok());
+    started == Some(start) && state != "Z" && state != "X"
 }

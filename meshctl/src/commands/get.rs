@@ -101,6 +101,14 @@ fn pod_row(p: &PodState) -> Value {
         "ambient": is_enrolled(p),
         "identity": identity(TRUST_DOMAIN, &p.id.namespace, &p.service_account),
         "netns": p.netns,
+        "uid": p.uid,
+        // The host processes standing in for the containers: unchanged pid and start time
+        // mean the container was not restarted.
+        "containers": p.containers.iter().map(|c| json!({
+            "name": c.name,
+            "pid": c.process.map(|r| r.pid),
+            "startTime": c.process.map(|r| r.start_time),
+        })).collect::<Vec<_>>(),
         "owner": p.owner,
         "labels": p.labels,
     })
