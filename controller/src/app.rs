@@ -325,7 +325,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         mon,
         registry,
         ready.check(),
-        debug_routes(&xds),
+        debug_routes(&xds, &model),
         shutdown.clone(),
     ));
 
@@ -343,11 +343,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// The monitoring port's debug endpoints. `/debug/connections` lists every connected proxy
 /// with its own counters (Istio's istiod serves the same path), which would be too many series
 /// for Prometheus in a large cluster.
-fn debug_routes(xds: &XdsServer) -> monitoring::DebugRoutes {
+/// `/debug/policy-status` lists the policies whose conversion for ztunnel changed or skipped
+/// something (L7 attributes, AUDIT/CUSTOM actions, targetRefs, invalid values) and why.
+fn debug_routes(xds: &XdsServer, model: &Arc<RwLock<Model>>) -> monitoring::DebugRoutes {
     let xds = xds.clone();
     let connections: monitoring::DebugHandler =
         Arc::new(move || connections_json(&xds.connections()).to_string());
-    Arc::new(vec![("/debug/connections", connections)])
+    let model = model.clone();
+    let statuses: monitoring::DebugHandler = Arc::new(move || {
+        let list = model
+            .read()
+            .map(|m| m.policy_statuses())
+            .unwrap_or_default();
+        let policies: Vec<_> = list
+            .iter()
+            .map(|(k, status)| {
+                serde_json::json!({
+                    "kind": k.kind.to_string(),
+                    "namespace": k.namespace,
+                    "name": k.name,
+                    "status": status,
+                })
+            })
+            .collect();
+        serde_json::json!({ "policies": policies }).to_string()
+    });
+    Arc::new(vec![
+        ("/debug/connections", connections),
+        ("/debug/policy-status", statuses),
+    ])
 }
 
 /// `{"totalClients": N, "clients": [...]}`, one entry per xDS stream, oldest first.

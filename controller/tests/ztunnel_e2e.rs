@@ -141,7 +141,46 @@ fn ztunnel_gets_config_and_certs_from_the_controller_and_policy_changes_apply_li
         client["resourcesSent"].as_u64().unwrap_or(0) >= 3,
         "{conns}"
     );
+
+    // A policy with L7 attributes is enforced by ztunnel on its L4 part only, and says why.
+    mesh.write_k8s("l7.yaml", L7_DENY);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let (_, body) = controller
+                .get(15014, "/debug/policy-status")
+                .unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            v["policies"].as_array().is_some_and(|ps| {
+                ps.iter().any(|p| {
+                    p["name"] == "deny-posts"
+                        && p["kind"] == "AuthorizationPolicy"
+                        && p["status"].as_str().unwrap_or("").contains("methods")
+                })
+            })
+        }),
+        "L7 conversion reported\n{}",
+        controller.log()
+    );
+    mesh.connect()
+        .and_then(|mut c| c.greeting())
+        .expect("a DENY for another principal leaves the client alone");
 }
+
+const L7_DENY: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-posts
+  namespace: default
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/other/sa/intruder"]
+    to:
+    - operation:
+        methods: ["POST"]
+"#;
 
 const BROKEN_POLICY: &str = r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

@@ -220,6 +220,24 @@ impl Model {
         self.statuses.get(key).cloned()
     }
 
+    /// Every policy whose conversion changed or skipped something, with the reason, ordered by
+    /// kind, namespace and name.
+    pub fn policy_statuses(&self) -> Vec<(ObjectKey, String)> {
+        let mut all: Vec<_> = self
+            .statuses
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        all.sort_by(|a, b| {
+            (a.0.kind.to_string(), &a.0.namespace, &a.0.name).cmp(&(
+                b.0.kind.to_string(),
+                &b.0.namespace,
+                &b.0.name,
+            ))
+        });
+        all
+    }
+
     fn ingest(&mut self, obj: &Arc<Object>, dirty: &mut Dirty) {
         let key = obj.key();
         let id = (key.namespace.clone(), key.name.clone());
@@ -282,6 +300,11 @@ impl Model {
     fn set_statuses(&mut self, key: &ObjectKey, status: Option<String>) {
         match status {
             Some(s) => {
+                if self.statuses.get(key) != Some(&s) {
+                    // Users learn here (and on /debug/policy-status) why ztunnel enforces less
+                    // or more than the policy says.
+                    tracing::warn!(kind = %key.kind, namespace = %key.namespace, name = %key.name, status = %s, "policy converted for ztunnel with changes");
+                }
                 self.statuses.insert(key.clone(), s);
             }
             None => {
