@@ -303,3 +303,93 @@ fn deleted_rules_are_repaired_and_restarts_keep_pods_enrolled() {
         node.logs()
     );
 }
+
+/// Listening TCP ports inside a pod's netns.
+fn listening_ports(netns: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "ss", "-Hltn"])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn pods_the_agent_never_saw_are_found_by_ip_when_enrolled_and_released_when_unenrolled() {
+    if !e2e::require_root() {
+        return;
+    }
+    let mut node = MeshNode::start(&binaries(), 44);
+    node.namespace("shop", true);
+    node.namespace("legacy", false);
+    let (b, r) = node.create_pod("shop", "b", "b", &[]);
+    let b_ip = r.unwrap();
+    let _srv = EchoServer::start(&b.netns, APP_PORT);
+    // The pod starts while the agent is down, so no ADD ever told the agent its netns.
+    node.stop_agent();
+    let (old, r) = node.create_pod("legacy", "old", "old", &[]);
+    r.unwrap_or_else(|e| panic!("non-ambient pod starts without the agent: {e:?}"));
+    node.start_agent();
+    assert!(eventually(Duration::from_secs(20), || node.ztunnel_knows(b_ip)));
+    assert!(!has_redirection(&old));
+
+    // Labelling its namespace: the agent finds the netns holding the pod's IP, programs it and
+    // hands it to ztunnel, which opens its listeners there.
+    node.namespace("legacy", true);
+    assert!(
+        eventually(Duration::from_secs(10), || has_redirection(&old)),
+        "pod found by IP and enrolled\n{}",
+        node.logs()
+    );
+    assert!(
+        node.logs().contains("found a running pod's netns"),
+        "enrolled through the netns search, not an ADD\n{}",
+        node.logs()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let ports = listening_ports(&old.netns);
+            ["15001", "15006", "15008"]
+                .iter()
+                .all(|p| ports.contains(&format!(":{p} ")))
+        }),
+        "ztunnel listens in the found netns: {}",
+        listening_ports(&old.netns)
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            echo(&old.netns, app(b_ip)).is_ok()
+                && metric_sum(
+                    &node.ztunnel.as_ref().unwrap().metrics(),
+                    "istio_tcp_connections_opened_total",
+                    &[
+                        ("reporter", "destination"),
+                        ("security_policy", "mutual_tls"),
+                        (
+                            "source_principal",
+                            "spiffe://cluster.local/ns/legacy/sa/old",
+                        ),
+                    ],
+                ) > 0.0
+        }),
+        "found pod talks mTLS\n{}",
+        node.logs()
+    );
+
+    // Unenrolling removes the rules and tells ztunnel, which closes its listeners there.
+    node.namespace("legacy", false);
+    assert!(
+        eventually(Duration::from_secs(10), || !has_redirection(&old)
+            && !has_mark_rule(&old)),
+        "rules removed"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let ports = listening_ports(&old.netns);
+            ["15001", "15006", "15008"]
+                .iter()
+                .all(|p| !ports.contains(&format!(":{p} ")))
+        }),
+        "ztunnel released the pod: {}",
+        listening_ports(&old.netns)
+    );
+}
