@@ -1,17 +1,21 @@
 //! In-pod redirection rules programmed into real network namespaces. Needs root and the `nft`
 //! and `ip` binaries. Every test makes its own namespaces (`cnirules-<test>-<pid>`), removed on
-//! drop even when the test fails; traffic tests use 10.99.<n>.0/24.
+//! drop even when the test fails; traffic tests use 10.99.<n>.0/24 and fd00:99:<n>::/64.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use mesh_cni::agent::rules::{self, RedirectConfig, TABLE, Verification};
 use nix::sched::CloneFlags;
-use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, sockopt};
+use nix::sys::socket::{
+    self, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrStorage, sockopt,
+};
 
 /// A named netns, deleted on drop.
 struct Netns {
@@ -438,4 +442,165 @@ async fn proxy_marked_sockets_are_not_redirected() {
         accept_within(&capture, Duration::from_millis(200)).is_none(),
         "marked connection was redirected to 15001"
     );
+}
+
+/// Adds fd00:99:<n>::1 (pod) and ::2 (peer) to the veth of [`pod_and_peer`], usable at once.
+fn add_ipv6(pod: &Netns, peer: &Netns, n: u8) {
+    for (ns, host) in [(pod, 1), (peer, 2)] {
+        ns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:99:{n}::{host}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+    }
+}
+
+fn v6(n: u8, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x99, n as u16, 0, 0, 0, 0, host)
+}
+
+/// A listener made as ztunnel makes its in-pod listeners (IP_TRANSPARENT), so TPROXY may hand
+/// it connections addressed to other ports.
+fn transparent_listener(ns: &Netns, addr: SocketAddr) -> TcpListener {
+    let listener = ns.run(move || {
+        let family = if addr.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket::socket(family, SockType::Stream, SockFlag::empty(), None).unwrap();
+        socket::setsockopt(&fd, sockopt::IpTransparent, &true).unwrap();
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+        if addr.is_ipv6() {
+            // Beside the IPv4 listener on the same port, as ztunnel does.
+            socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).unwrap();
+        }
+        socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).unwrap();
+        socket::listen(&fd, Backlog::new(16).unwrap()).unwrap();
+        TcpListener::from(fd)
+    });
+    listener.set_nonblocking(true).unwrap();
+    listener
+}
+
+/// Connects from inside `ns` to any address and sends `hello`.
+fn connect_any(ns: &Netns, dst: SocketAddr) -> TcpStream {
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+        s.write_all(b"hello").unwrap();
+        s
+    })
+}
+
+#[tokio::test]
+async fn outbound_ipv6_tcp_lands_on_15001_with_original_destination() {
+    let (pod, peer) = pod_and_peer("redirect6", 3);
+    add_ipv6(&pod, &peer, 3);
+    rules::apply(&pod.file, &RedirectConfig::default())
+        .await
+        .unwrap();
+    let capture = ns_listen6(&pod, 15001);
+    let server = ns_listen6(&peer, 80);
+    let dst = SocketAddrV6::new(v6(3, 2), 80, 0, 0);
+
+    let _client = connect_any(&pod, dst.into());
+    let (mut accepted, from) =
+        accept_within(&capture, Duration::from_secs(5)).expect("not redirected to 15001");
+    read_hello(&mut accepted);
+    assert_eq!(from.ip(), IpAddr::V6(v6(3, 1)));
+    let orig = socket::getsockopt(&accepted, sockopt::Ip6tOriginalDst).unwrap();
+    let orig = SocketAddrV6::new(
+        Ipv6Addr::from(orig.sin6_addr.s6_addr),
+        u16::from_be(orig.sin6_port),
+        0,
+        0,
+    );
+    assert_eq!(orig, dst);
+    assert!(
+        accept_within(&server, Duration::from_millis(200)).is_none(),
+        "redirected connection also reached the real destination"
+    );
+}
+
+fn ns_listen6(ns: &Netns, port: u16) -> TcpListener {
+    let listener = ns.run(move || {
+        TcpListener::bind(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)).unwrap()
+    });
+    listener.set_nonblocking(true).unwrap();
+    listener
+}
+
+#[tokio::test]
+async fn inbound_tcp_is_tproxied_to_15006_hbone_goes_to_15008_and_probes_bypass() {
+    let (pod, peer) = pod_and_peer("tproxy", 4);
+    add_ipv6(&pod, &peer, 4);
+    rules::apply(&pod.file, &RedirectConfig::default())
+        .await
+        .unwrap();
+    let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let plain4 = transparent_listener(&pod, SocketAddr::new(any4, 15006));
+    let hbone4 = transparent_listener(&pod, SocketAddr::new(any4, 15008));
+    let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    let plain6 = transparent_listener(&pod, SocketAddr::new(any6, 15006));
+    let app = listen(&pod, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080));
+
+    let cases = [
+        (
+            IpAddr::V4(Ipv4Addr::new(10, 99, 4, 1)),
+            IpAddr::V4(Ipv4Addr::new(10, 99, 4, 2)),
+        ),
+        (IpAddr::V6(v6(4, 1)), IpAddr::V6(v6(4, 2))),
+    ];
+    for (pod_ip, peer_ip) in cases {
+        // Plaintext to the app port goes to 15006; the accepted socket's local address is the
+        // original destination (TPROXY keeps it), and the client address is the peer's.
+        let dst = SocketAddr::new(pod_ip, 8080);
+        let _client = connect_any(&peer, dst);
+        let listener = if pod_ip.is_ipv4() { &plain4 } else { &plain6 };
+        let (mut accepted, from) =
+            accept_within(listener, Duration::from_secs(5)).expect("not captured on 15006");
+        read_hello(&mut accepted);
+        assert_eq!(from.ip(), peer_ip);
+        assert_eq!(accepted.local_addr().unwrap(), dst);
+        assert!(
+            accept_within(&app, Duration::from_millis(200)).is_none(),
+            "captured connection also reached the app"
+        );
+    }
+
+    // Kubelet probes (SNATed on the node to 169.254.7.127) reach the app directly.
+    peer.exec(&["ip", "addr", "add", "169.254.7.127/32", "dev", "eth0"]);
+    pod.exec(&["ip", "route", "add", "169.254.7.127/32", "dev", "eth0"]);
+    let _probe = peer.run(|| {
+        let fd: OwnedFd = socket::socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        let src = SocketAddrV4::new(Ipv4Addr::new(169, 254, 7, 127), 0);
+        socket::bind(fd.as_raw_fd(), &SockaddrIn::from(src)).unwrap();
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 99, 4, 1), 8080);
+        socket::connect(fd.as_raw_fd(), &SockaddrIn::from(dst)).unwrap();
+        let mut s = TcpStream::from(fd);
+        s.write_all(b"hello").unwrap();
+        s
+    });
+    let (mut accepted, from) =
+        accept_within(&app, Duration::from_secs(5)).expect("probe reached the app");
+    read_hello(&mut accepted);
+    assert_eq!(from.ip(), Ipv4Addr::new(169, 254, 7, 127));
+    assert!(accept_within(&plain4, Duration::from_millis(200)).is_none());
+
+    // HBONE arrives on 15008 itself (not 15006).
+    let _client = connect_any(&peer, SocketAddr::new(cases[0].0, 15008));
+    let (mut accepted, _) = accept_within(&hbone4, Duration::from_secs(5)).expect("15008 reached");
+    read_hello(&mut accepted);
+    assert!(accept_within(&plain4, Duration::from_millis(200)).is_none());
 }
