@@ -151,6 +151,7 @@ fn quickstart_mesh_end_to_end_through_the_sandbox() {
     };
     let _ = sb.cmd(&["down"]);
     sb.up = true;
+    crashed_up_is_cleaned_up_by_down(&sb);
     sb.ok(&[
         "up",
         "--nodes",
@@ -427,4 +428,70 @@ fn alive((pid, start): (i64, u64)) -> bool {
     let state = fields.first().copied().unwrap_or("X");
     let started = fields.get(19).and_then(|t| t.parse::<u64>().ok());
     started == Some(start) && state != "Z" && state != "X"
+}
+
+/// Processes inside the sandbox's network namespaces, as (pid, start time).
+fn sandbox_processes() -> Vec<(i64, u64)> {
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let names: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("msb-"))
+        .map(str::to_string)
+        .collect();
+    let mut out = Vec::new();
+    for n in names {
+        let pids = Command::new("ip")
+            .args(["netns", "pids", &n])
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            let Ok(pid) = pid.parse::<i64>() else {
+                continue;
+            };
+            if let Some(start) = start_time(pid) {
+                out.push((pid, start));
+            }
+        }
+    }
+    out
+}
+
+fn start_time(pid: i64) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// `up` killed half-way leaves orphaned components and namespaces; `down` removes them all.
+fn crashed_up_is_cleaned_up_by_down(sb: &Sandbox) {
+    let mut up = Command::new(&sb.bin)
+        .arg("sandbox")
+        .arg("--state-dir")
+        .arg(&sb.state)
+        .args(["up", "--nodes", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start meshctl sandbox up");
+    // Kill it as soon as its first component runs, long before it is ready.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sandbox_processes().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let still_running = matches!(up.try_wait(), Ok(None));
+    let _ = up.kill();
+    let _ = up.wait();
+    assert!(
+        still_running,
+        "up was killed half-way, not after it finished"
+    );
+    let orphans = sandbox_processes();
+    assert!(!orphans.is_empty());
+    sb.ok(&["down"]);
+    let left: Vec<_> = orphans.iter().filter(|p| alive(**p)).collect();
+    assert!(left.is_empty(), "orphans left after down: {left:?}");
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let netns = String::from_utf8_lossy(&netns.stdout);
+    assert!(!netns.contains("msb-"), "netns left after down: {netns}");
 }
