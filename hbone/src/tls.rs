@@ -4,7 +4,7 @@
 use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{Resumption, verify_server_cert_signed_by_trust_anchor};
+use rustls::client::{Resumption, verify_server_cert_signed_by_trust_anchor, verify_server_name};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, ParsedCertificate, WebPkiClientVerifier};
@@ -96,7 +96,7 @@ pub fn client_config(
     let verifier = Arc::new(ChainVerifier {
         roots: root_store(&cert.roots)?,
         algs: provider.signature_verification_algorithms,
-        expected: Some(expected.to_vec()),
+        expected: Expected::Identities(expected.to_vec()),
     });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -118,7 +118,7 @@ pub(crate) fn ca_client_config(
     let verifier = Arc::new(ChainVerifier {
         roots: root_store(roots)?,
         algs: provider.signature_verification_algorithms,
-        expected: None,
+        expected: Expected::ControlPlane,
     });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -208,13 +208,28 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
     }
 }
 
-/// Server verification by chain only (the connect-time name is an IP and meaningless), plus
-/// an optional set of acceptable SPIFFE identities.
+/// Namespace and service account of the control plane's SPIFFE identity (Istio's istiod).
+pub const CONTROL_PLANE_NAMESPACE: &str = "istio-system";
+/// See [`CONTROL_PLANE_NAMESPACE`].
+pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "istiod";
+
+/// Who the server must prove to be, beyond a chain to the roots.
+#[derive(Debug)]
+enum Expected {
+    /// One of these SPIFFE identities (HBONE: the connect-time name is an IP and meaningless).
+    Identities(Vec<Identity>),
+    /// The control plane (CA): a certificate valid for the dialed host name or IP, or the
+    /// control plane's SPIFFE identity. Any other mesh certificate chains to the same root, so
+    /// the chain alone would let a workload pose as the CA.
+    ControlPlane,
+}
+
+/// Server verification by chain to the mesh roots plus the identity in [`Expected`].
 #[derive(Debug)]
 struct ChainVerifier {
     roots: Arc<RootCertStore>,
     algs: WebPkiSupportedAlgorithms,
-    expected: Option<Vec<Identity>>,
+    expected: Expected,
 }
 
 impl ServerCertVerifier for ChainVerifier {
@@ -222,7 +237,7 @@ impl ServerCertVerifier for ChainVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
@@ -234,11 +249,19 @@ impl ServerCertVerifier for ChainVerifier {
             now,
             self.algs.all,
         )?;
-        if let Some(expected) = &self.expected
-            && !spiffe_ids(end_entity)?
+        let valid = match &self.expected {
+            Expected::Identities(expected) => spiffe_ids(end_entity)?
                 .iter()
-                .any(|id| expected.contains(id))
-        {
+                .any(|id| expected.contains(id)),
+            Expected::ControlPlane => {
+                verify_server_name(&parsed, server_name).is_ok()
+                    || spiffe_ids(end_entity)?.iter().any(|id| {
+                        id.namespace == CONTROL_PLANE_NAMESPACE
+                            && id.service_account == CONTROL_PLANE_SERVICE_ACCOUNT
+                    })
+            }
+        };
+        if !valid {
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForName,
             ));
@@ -403,7 +426,7 @@ mod tests {
         let verifier = Arc::new(ChainVerifier {
             roots: root_store(&b.roots).unwrap(),
             algs: p.signature_verification_algorithms,
-            expected: Some(vec![b_id]),
+            expected: Expected::Identities(vec![b_id]),
         });
         let mut client = ClientConfig::builder_with_provider(p)
             .with_protocol_versions(&[&rustls::version::TLS13])

@@ -430,8 +430,8 @@ fn alive((pid, start): (i64, u64)) -> bool {
     started == Some(start) && state != "Z" && state != "X"
 }
 
-/// Processes inside the sandbox's network namespaces, as (pid, start time).
-fn sandbox_processes() -> Vec<(i64, u64)> {
+/// Processes inside the sandbox's network namespaces, as (pid, start time, command name).
+fn sandbox_processes() -> Vec<(i64, u64, String)> {
     let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let names: Vec<String> = String::from_utf8_lossy(&list.stdout)
         .lines()
@@ -450,7 +450,8 @@ fn sandbox_processes() -> Vec<(i64, u64)> {
                 continue;
             };
             if let Some(start) = start_time(pid) {
-                out.push((pid, start));
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                out.push((pid, start, comm.trim().to_string()));
             }
         }
     }
@@ -474,9 +475,14 @@ fn crashed_up_is_cleaned_up_by_down(sb: &Sandbox) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start meshctl sandbox up");
-    // Kill it as soon as its first component runs, long before it is ready.
+    // Kill it as soon as its first component (the controller) runs, long before it is ready.
+    let controller_runs = || {
+        sandbox_processes()
+            .iter()
+            .any(|(_, _, comm)| comm == "mesh-controller")
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while sandbox_processes().is_empty() && Instant::now() < deadline {
+    while !controller_runs() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     let still_running = matches!(up.try_wait(), Ok(None));
@@ -487,9 +493,15 @@ fn crashed_up_is_cleaned_up_by_down(sb: &Sandbox) {
         "up was killed half-way, not after it finished"
     );
     let orphans = sandbox_processes();
-    assert!(!orphans.is_empty());
+    assert!(
+        orphans.iter().any(|(_, _, comm)| comm == "mesh-controller"),
+        "the orphaned controller is still running: {orphans:?}"
+    );
     sb.ok(&["down"]);
-    let left: Vec<_> = orphans.iter().filter(|p| alive(**p)).collect();
+    let left: Vec<_> = orphans
+        .iter()
+        .filter(|(pid, start, _)| alive((*pid, *start)))
+        .collect();
     assert!(left.is_empty(), "orphans left after down: {left:?}");
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let netns = String::from_utf8_lossy(&netns.stdout);

@@ -158,6 +158,30 @@ async fn istio_ca_client_accepts_spiffe_serving_cert_signed_by_root() {
 }
 
 #[tokio::test]
+async fn istio_ca_client_rejects_a_workload_certificate_posing_as_the_ca() {
+    // Same root, but a workload's identity and no name for the dialed address.
+    let ca = Arc::new(FakeCa::new("cluster.local").unwrap());
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let id = Identity::new(ca.trust_domain(), "default", "attacker");
+    let chain = ca
+        .sign_csr(&make_csr(&id, &key).unwrap(), &id, DEFAULT_TTL)
+        .unwrap();
+    let tls = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(&chain[0], key.serialize_pem()),
+    );
+    let (addr, task) = serve(ca.clone(), Some(tls)).await;
+    let mut cfg = config(format!("https://{addr}"), TOKEN);
+    cfg.root_ca_pem = Some(ca.root_pem().to_string());
+    let client = IstioCaClient::new(cfg).unwrap();
+    let err = client
+        .fetch(&Identity::new("cluster.local", "ns1", "sa1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CaError::Status(_)), "{err}");
+    task.abort();
+}
+
+#[tokio::test]
 async fn istio_ca_client_rejects_serving_cert_from_other_root() {
     let ca = Arc::new(FakeCa::new("cluster.local").unwrap());
     let (addr, task) = serve(ca.clone(), Some(spiffe_server_tls(&ca))).await;
