@@ -24,7 +24,21 @@ use zds::{ZdsConnection, ZdsError};
 /// A running per-pod proxy.
 struct Running {
     info: WorkloadInfo,
+    /// Which network namespace it serves.
+    netns: Option<NetnsId>,
     drain: CancellationToken,
+}
+
+/// Identity of a network namespace: the (device, inode) of its nsfs file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct NetnsId(u64, u64);
+
+impl NetnsId {
+    fn of(fd: &OwnedFd) -> Option<Self> {
+        nix::sys::stat::fstat(fd)
+            .ok()
+            .map(|st| Self(st.st_dev, st.st_ino))
+    }
 }
 
 /// Starts and stops per-pod proxies as the node agent asks.
@@ -129,10 +143,13 @@ impl InpodManager {
                     },
                 };
                 if let Some(running) = self.proxies.get(&add.uid) {
-                    if running.info == info {
+                    if running.info == info && running.netns == NetnsId::of(&fd) {
                         // Already serving it (the agent restarted): keep the existing listeners.
                         return None;
                     }
+                    // Different workload info, or a new sandbox for the same pod (the runtime
+                    // recreated its netns): serve the netns we were just given.
+                    tracing::info!(uid = %add.uid, "pod changed or got a new netns; restarting its proxy");
                     self.stop(&add.uid);
                 }
                 self.start(add.uid, info, fd).err()
@@ -168,13 +185,21 @@ impl InpodManager {
     }
 
     fn start(&mut self, uid: String, info: WorkloadInfo, fd: OwnedFd) -> Result<(), String> {
+        let netns_id = NetnsId::of(&fd);
         let netns = Netns::pod(fd, self.host_netns.clone());
         let proxy = Proxy::bind(self.shared.clone(), info.clone(), netns)
             .map_err(|e| format!("add {uid}: binding listeners in the pod netns: {e}"))?;
         let drain = CancellationToken::new();
         self.tasks.spawn(proxy.run(drain.clone()));
         tracing::info!(%uid, workload = ?info, "pod enrolled");
-        self.proxies.insert(uid, Running { info, drain });
+        self.proxies.insert(
+            uid,
+            Running {
+                info,
+                netns: netns_id,
+                drain,
+            },
+        );
         Ok(())
     }
 
