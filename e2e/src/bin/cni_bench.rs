@@ -1,5 +1,6 @@
 //! CNI ADD latency with and without our chained plugin: N pod sandboxes wired by the bridge +
-//! host-local plugins alone, then N ambient and N non-ambient pods through bridge + mesh-cni with
+//! host-local plugins alone, with a no-op chained plugin (Debian's `tuning`, the cost of any chained
+//! plugin), then N ambient and N non-ambient pods through bridge + mesh-cni with
 //! the real node agent, controller and ztunnel running. Prints p50/p99 and the added latency.
 //! Needs root; run via `scripts/cni-bench.sh`.
 
@@ -62,8 +63,8 @@ fn main() -> anyhow::Result<()> {
     );
 
     eprintln!(
-        "==> {} pods each: bridge + host-local alone (baseline), then + mesh-cni for ambient and \
-         non-ambient pods, interleaved on one node with the controller, node agent and ztunnel running",
+        "==> {} pods each: bridge + host-local alone (baseline), + a no-op chained plugin, then \
+         + mesh-cni for ambient and non-ambient pods, interleaved on one node with the controller, node agent and ztunnel running",
         args.pods
     );
     let mut node = MeshNode::start(&bins, 80);
@@ -74,12 +75,20 @@ fn main() -> anyhow::Result<()> {
     if let Some(plugins) = without_mesh["plugins"].as_array_mut() {
         plugins.retain(|p| p["type"] != "mesh-cni");
     }
+    // What any chained plugin costs (one more exec with the previous result on stdin): Debian's
+    // `tuning` plugin with nothing to tune.
+    let mut with_noop = without_mesh.clone();
+    if let Some(plugins) = with_noop["plugins"].as_array_mut() {
+        plugins.push(serde_json::json!({"type": "tuning"}));
+    }
     let mut base = Vec::new();
+    let mut noop = Vec::new();
     let mut amb = Vec::new();
     let mut plain = Vec::new();
     for i in 0..args.pods {
         for (ns, list) in [
             ("base", &mut base),
+            ("noop", &mut noop),
             ("amb", &mut amb),
             ("plain", &mut plain),
         ] {
@@ -92,6 +101,7 @@ fn main() -> anyhow::Result<()> {
     // pods), so let the agent's watch catch up first, as it would have in a cluster.
     std::thread::sleep(Duration::from_secs(2));
     let (mut baseline, mut ambient, mut non_ambient) = (Vec::new(), Vec::new(), Vec::new());
+    let mut noop_chained = Vec::new();
     // Interleaved, so background noise hits every scenario alike.
     for i in 0..args.pods {
         node.cni.conflist = without_mesh.clone();
@@ -100,6 +110,11 @@ fn main() -> anyhow::Result<()> {
         node.cni
             .del(&base[i])
             .map_err(|e| anyhow::anyhow!("DEL baseline pod: {e:?}"))?;
+        node.cni.conflist = with_noop.clone();
+        noop_chained.extend(time_adds(&node.cni, &noop[i..=i])?);
+        node.cni
+            .del(&noop[i])
+            .map_err(|e| anyhow::anyhow!("DEL no-op chained pod: {e:?}"))?;
         node.cni.conflist = with_mesh.clone();
         ambient.extend(time_adds(&node.cni, &amb[i..=i])?);
         non_ambient.extend(time_adds(&node.cni, &plain[i..=i])?);
@@ -118,6 +133,7 @@ fn main() -> anyhow::Result<()> {
     let (b50, b99) = percentiles(baseline);
     let (a50, a99) = percentiles(ambient);
     let (n50, n99) = percentiles(non_ambient);
+    let (t50, t99) = percentiles(noop_chained);
     if args.json {
         println!(
             "{}",
@@ -126,6 +142,7 @@ fn main() -> anyhow::Result<()> {
                 "baseline_ms": {"p50": b50, "p99": b99},
                 "ambient_ms": {"p50": a50, "p99": a99},
                 "non_ambient_ms": {"p50": n50, "p99": n99},
+                "noop_chained_ms": {"p50": t50, "p99": t99},
                 "added_ambient_ms": {"p50": a50 - b50, "p99": a99 - b99},
                 "added_non_ambient_ms": {"p50": n50 - b50, "p99": n99 - b99},
                 "target_added_p99_ms": 20.0,
@@ -137,6 +154,10 @@ fn main() -> anyhow::Result<()> {
         println!(
             "{:<34} {b50:>8.2} {b99:>8.2}",
             "bridge + host-local (baseline)"
+        );
+        println!(
+            "{:<34} {t50:>8.2} {t99:>8.2}",
+            "+ tuning (no-op chained plugin)"
         );
         println!("{:<34} {a50:>8.2} {a99:>8.2}", "+ mesh-cni, ambient pod");
         println!(
@@ -150,6 +171,11 @@ fn main() -> anyhow::Result<()> {
             n50 - b50,
             n99 - b99,
             if a99 - b99 < 20.0 { "PASS" } else { "MISS" }
+        );
+        println!(
+            "non-ambient pod vs a no-op chained plugin: p50 {:+.2} p99 {:+.2}",
+            n50 - t50,
+            n99 - t99
         );
     }
     Ok(())
