@@ -61,12 +61,20 @@ pub struct MeshNode {
     pub agent: Option<NetnsProcess>,
     /// ztunnel, while running.
     pub ztunnel: Option<Ztunnel>,
+    /// The agent's `--reconcile-interval`.
+    reconcile_interval: String,
 }
 
 impl MeshNode {
     /// Starts a node for test number `id`: netns `cn<id>`, pods in 10.78.`id`.0/24, controller,
     /// agent (reconciling every second) and ztunnel.
     pub fn start(bins: &Binaries, id: u8) -> Self {
+        Self::start_with_reconcile(bins, id, "1s")
+    }
+
+    /// Like [`MeshNode::start`], with the agent verifying every pod's rules every `interval`
+    /// (tests use 1 s so repairs show quickly; benchmarks use the agent's default).
+    pub fn start_with_reconcile(bins: &Binaries, id: u8, interval: &str) -> Self {
         let ns = format!("cn{id}");
         let dir = std::env::temp_dir().join(format!("mesh-node-test-{id}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -98,6 +106,7 @@ impl MeshNode {
             controller,
             agent: None,
             ztunnel: None,
+            reconcile_interval: interval.to_string(),
         };
         node.start_agent();
         node.start_ztunnel();
@@ -129,7 +138,7 @@ impl MeshNode {
             "--monitoring-addr",
             &mon,
             "--reconcile-interval",
-            "1s",
+            &self.reconcile_interval,
         ];
         let mut p = NetnsProcess::start(
             "mesh-cni-agent",

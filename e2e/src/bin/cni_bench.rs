@@ -67,7 +67,8 @@ fn main() -> anyhow::Result<()> {
          + mesh-cni for ambient and non-ambient pods, interleaved on one node with the controller, node agent and ztunnel running",
         args.pods
     );
-    let mut node = MeshNode::start(&bins, 80);
+    // The agent's default reconcile interval, as on a real node.
+    let mut node = MeshNode::start_with_reconcile(&bins, 80, "10s");
     node.namespace("amb", true);
     node.namespace("plain", false);
     let with_mesh = node.cni.conflist.clone();
