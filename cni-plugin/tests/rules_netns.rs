@@ -121,6 +121,21 @@ fn handle_of(ns: &Netns, chain: &str, needle: &str) -> String {
     line.rsplit("# handle ").next().unwrap().trim().to_string()
 }
 
+/// Deletes the rule sending outbound TCP to 15001, as someone editing the pod's rules would.
+fn delete_outbound_redirect(ns: &Netns) {
+    let handle = handle_of(ns, "output_nat", "redirect to :15001");
+    ns.exec(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        TABLE,
+        "output_nat",
+        "handle",
+        &handle,
+    ]);
+}
+
 #[tokio::test]
 async fn apply_installs_table_and_routing_and_verify_reports_intact() {
     let ns = Netns::new("apply");
@@ -167,17 +182,7 @@ async fn hand_edited_nft_rules_are_drift_and_apply_repairs_them() {
     let cfg = RedirectConfig::default();
     rules::apply(&ns.file, &cfg).await.unwrap();
 
-    let handle = handle_of(&ns, "output_nat", "redirect to :15001");
-    ns.exec(&[
-        "nft",
-        "delete",
-        "rule",
-        "inet",
-        TABLE,
-        "output_nat",
-        "handle",
-        &handle,
-    ]);
+    delete_outbound_redirect(&ns);
     let what = drift(rules::verify(&ns.file, &cfg).await.unwrap());
     assert!(what.contains("redirect to :15001"), "{what}");
 
@@ -207,6 +212,49 @@ async fn hand_edited_nft_rules_are_drift_and_apply_repairs_them() {
         rules::verify(&ns.file, &cfg).await.unwrap(),
         Verification::Intact
     );
+}
+
+#[tokio::test]
+async fn checks_since_an_intact_generation_still_catch_every_change() {
+    let ns = Netns::new("since");
+    let cfg = RedirectConfig::default();
+    rules::apply(&ns.file, &cfg).await.unwrap();
+    let (v, generation) = rules::verify_since(&ns.file, &cfg, None).await.unwrap();
+    assert_eq!(v, Verification::Intact);
+    let generation = generation.expect("an intact check returns the nftables generation");
+    // Nothing changed: still intact, same generation.
+    assert_eq!(
+        rules::verify_since(&ns.file, &cfg, Some(generation))
+            .await
+            .unwrap(),
+        (Verification::Intact, Some(generation))
+    );
+    // Any nft commit in the netns moves the generation, so the table is listed and compared.
+    delete_outbound_redirect(&ns);
+    let (v, next) = rules::verify_since(&ns.file, &cfg, Some(generation))
+        .await
+        .unwrap();
+    assert!(drift(v).contains("redirect to :15001"));
+    assert_eq!(next, None);
+    rules::apply(&ns.file, &cfg).await.unwrap();
+    let (v, repaired) = rules::verify_since(&ns.file, &cfg, None).await.unwrap();
+    assert_eq!(v, Verification::Intact);
+    assert_ne!(repaired, Some(generation));
+    // Routing is not nft: a deleted ip rule is caught whatever the generation says.
+    ns.exec(&[
+        "ip",
+        "-4",
+        "rule",
+        "del",
+        "fwmark",
+        "0x111/0xfff",
+        "pref",
+        "32764",
+        "lookup",
+        "100",
+    ]);
+    let (v, _) = rules::verify_since(&ns.file, &cfg, repaired).await.unwrap();
+    assert!(drift(v).contains("-4 rule"));
 }
 
 #[tokio::test]

@@ -70,6 +70,8 @@ pub struct Enroller {
     metrics: Metrics,
     records: Mutex<BTreeMap<PodKey, Record>>,
     persist: watch::Sender<Arc<Vec<SavedRecord>>>,
+    /// Per pod: the netns and its nftables generation when its rules were last found intact.
+    verified: std::sync::Mutex<BTreeMap<PodKey, (Arc<PodNetns>, u32)>>,
 }
 
 impl Enroller {
@@ -92,6 +94,7 @@ impl Enroller {
             metrics,
             records: Mutex::new(BTreeMap::new()),
             persist,
+            verified: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -313,10 +316,32 @@ impl Enroller {
                 .map(|(k, r)| (k.clone(), r.netns.clone()))
                 .collect()
         };
+        let known: BTreeMap<PodKey, u32> = {
+            let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget pods that left (and the netns handles they hold).
+            verified.retain(|k, (ns, _)| {
+                enrolled
+                    .iter()
+                    .any(|(key, n)| key == k && Arc::ptr_eq(n, ns))
+            });
+            verified.iter().map(|(k, (_, g))| (k.clone(), *g)).collect()
+        };
         for (key, ns) in enrolled {
-            match rules::verify(&ns.file, &self.cfg.redirect).await {
-                Ok(Verification::Intact) => {}
-                Ok(drift) => {
+            let since = known.get(&key).copied();
+            match rules::verify_since(&ns.file, &self.cfg.redirect, since).await {
+                Ok((Verification::Intact, generation)) => {
+                    if let Some(g) = generation {
+                        self.verified
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(key, (ns, g));
+                    }
+                }
+                Ok((drift, _)) => {
+                    self.verified
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key);
                     let records = self.records.lock().await;
                     // Only if the pod is still enrolled with the same netns.
                     let current = records

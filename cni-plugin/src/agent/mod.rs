@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod enroll;
 pub mod metrics;
 pub mod netns;
+mod nftgen;
 mod nsexec;
 pub mod routing;
 pub mod rules;

@@ -8,13 +8,13 @@ use std::io;
 use std::os::fd::AsFd;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
     NetlinkPayload,
 };
 use netlink_packet_route::route::{
     RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use nix::sched::{CloneFlags, setns};
@@ -62,6 +62,101 @@ pub fn ensure(netns: &File, v6: bool) -> io::Result<()> {
         .map_err(|_| io::Error::other("routing thread panicked"))?
 }
 
+/// What a pod netns holds of the redirection's kernel state, read without spawning processes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inspection {
+    /// Copies of our fwmark rule (IPv4, IPv6).
+    pub rules: [usize; 2],
+    /// Our `local default dev lo table 100` route exists (IPv4, IPv6).
+    pub routes: [bool; 2],
+    /// The netns's nftables ruleset generation: it changes on every nft commit, so an
+    /// unchanged value means nobody touched any table since it was last read.
+    pub nft_generation: u32,
+}
+
+/// Reads our rules and routes (IPv6 too when `v6`) and the nftables generation of `netns`.
+/// Blocking: enters the namespace on a throw-away thread.
+pub fn inspect(netns: &File, v6: bool) -> io::Result<Inspection> {
+    let fd = netns.try_clone()?;
+    std::thread::Builder::new()
+        .name("netns-inspect".into())
+        .spawn(move || {
+            setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)?;
+            let nl = Netlink::open()?;
+            let lo = nix::net::if_::if_nametoindex("lo")?;
+            let mut out = Inspection {
+                nft_generation: super::nftgen::read()?,
+                ..Inspection::default()
+            };
+            for (i, &family) in families(v6).iter().enumerate() {
+                let mut rule = RuleMessage::default();
+                rule.header.family = family;
+                out.rules[i] = nl
+                    .dump(RouteNetlinkMessage::GetRule(rule))?
+                    .iter()
+                    .filter(|m| matches!(m, RouteNetlinkMessage::NewRule(r) if is_our_rule(r)))
+                    .count();
+                let mut route = RouteMessage::default();
+                route.header.address_family = family;
+                out.routes[i] = nl
+                    .dump(RouteNetlinkMessage::GetRoute(route))?
+                    .iter()
+                    .any(|m| matches!(m, RouteNetlinkMessage::NewRoute(r) if is_our_route(r, lo)));
+            }
+            Ok(out)
+        })?
+        .join()
+        .map_err(|_| io::Error::other("inspection thread panicked"))?
+}
+
+/// `fwmark 0x111/0xfff pref 32764 lookup 100`, nothing more (no selector, not inverted).
+fn is_our_rule(r: &RuleMessage) -> bool {
+    let mut prio = None;
+    let (mut mark, mut mask, mut table) = (None, None, u32::from(r.header.table));
+    for a in &r.attributes {
+        match a {
+            RuleAttribute::Priority(p) => prio = Some(*p),
+            RuleAttribute::FwMark(m) => mark = Some(*m),
+            RuleAttribute::FwMask(m) => mask = Some(*m),
+            RuleAttribute::Table(t) => table = *t,
+            RuleAttribute::Protocol(_) => {}
+            // The kernel reports these with their "unset" value on every rule.
+            RuleAttribute::SuppressPrefixLen(u32::MAX)
+            | RuleAttribute::SuppressIfGroup(u32::MAX) => {}
+            // Any other selector (source, iif, ...) narrows the rule: not ours.
+            _ => return false,
+        }
+    }
+    r.header.action == RuleAction::ToTable
+        && !r.header.flags.contains(RuleFlags::Invert)
+        && r.header.src_len == 0
+        && r.header.dst_len == 0
+        && prio == Some(PREF)
+        && mark == Some(MARK)
+        && mask == Some(MASK)
+        && table == TABLE
+}
+
+/// `local default dev lo table 100`.
+fn is_our_route(r: &RouteMessage, lo: u32) -> bool {
+    let mut table = u32::from(r.header.table);
+    let mut oif = None;
+    let mut dst = false;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Destination(_) => dst = true,
+            _ => {}
+        }
+    }
+    table == TABLE
+        && r.header.kind == RouteType::Local
+        && r.header.destination_prefix_length == 0
+        && !dst
+        && oif == Some(lo)
+}
+
 fn families(v6: bool) -> &'static [AddressFamily] {
     if v6 {
         &[AddressFamily::Inet, AddressFamily::Inet6]
@@ -104,6 +199,45 @@ impl Netlink {
         s.bind_auto()?;
         s.connect(&SocketAddr::new(0, 0))?;
         Ok(Self(s))
+    }
+
+    /// Sends a dump request and collects every message of the reply.
+    fn dump(&self, msg: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+        let mut m = NetlinkMessage::from(msg);
+        m.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        m.header.sequence_number = 2;
+        m.finalize();
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.serialize(&mut buf);
+        self.0.send(&buf, 0)?;
+        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+        let mut out = Vec::new();
+        let mut reply = vec![0u8; 64 * 1024];
+        // A pod has a handful of rules and routes; this bounds a runaway reply all the same.
+        for _ in 0..1024 {
+            let n = self.0.recv(&mut &mut reply[..], 0)?;
+            let mut off = 0;
+            while off < n {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[off..n])
+                    .map_err(|e| invalid(e.to_string()))?;
+                let len = msg.header.length as usize;
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Error(e) => {
+                        if let Some(code) = e.code {
+                            return Err(io::Error::from_raw_os_error(-code.get()));
+                        }
+                    }
+                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                    _ => {}
+                }
+                if len == 0 {
+                    return Err(invalid("netlink message of length 0".into()));
+                }
+                off += (len + 3) & !3;
+            }
+        }
+        Err(invalid("netlink dump did not end".into()))
     }
 
     /// Sends one request and waits for the kernel's ack; `EEXIST` counts as success when

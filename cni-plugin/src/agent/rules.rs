@@ -248,38 +248,75 @@ pub async fn remove(netns: &File) -> Result<(), RulesError> {
 
 /// Checks the pod netns still holds exactly what [`apply`] programs for `cfg`.
 pub async fn verify(netns: &File, cfg: &RedirectConfig) -> Result<Verification, RulesError> {
-    let ns = netns.as_fd();
+    Ok(verify_since(netns, cfg, None).await?.0)
+}
+
+/// Like [`verify`], but when the netns's nftables generation is still `known` (what an earlier
+/// intact verification returned) nothing can have changed our table, and it is not listed
+/// again: the periodic check then spawns no process at all (rules, routes and the generation
+/// are read over netlink). Returns the generation to pass next time, `None` after drift.
+pub async fn verify_since(
+    netns: &File,
+    cfg: &RedirectConfig,
+    known: Option<u32>,
+) -> Result<(Verification, Option<u32>), RulesError> {
     let eff = effective(netns, cfg).await?;
+    let fd = netns.try_clone().map_err(|source| RulesError::Netns {
+        what: "duplicating the netns fd",
+        source,
+    })?;
+    let v6 = eff.ipv6;
+    let seen = tokio::task::spawn_blocking(move || super::routing::inspect(&fd, v6))
+        .await
+        .map_err(|e| RulesError::Netns {
+            what: "inspecting the pod netns",
+            source: io::Error::other(e.to_string()),
+        })?
+        .map_err(|source| RulesError::Netns {
+            what: "reading policy routing and the nftables generation",
+            source,
+        })?;
+    for (i, &fam) in families(&eff).iter().enumerate() {
+        if seen.rules[i] == 0 {
+            return Ok((
+                drifted(format!(
+                    "ip {} rule fwmark {MARK_SPEC} lookup {TABLE_SPEC} is missing",
+                    fam.flag()
+                )),
+                None,
+            ));
+        }
+        if !seen.routes[i] {
+            return Ok((
+                drifted(format!(
+                    "ip {} route local {} dev lo table {TABLE_SPEC} is missing",
+                    fam.flag(),
+                    fam.default_dst()
+                )),
+                None,
+            ));
+        }
+    }
+    if known == Some(seen.nft_generation) {
+        return Ok((Verification::Intact, known));
+    }
+    let ns = netns.as_fd();
     let args = ["list", "table", "inet", TABLE];
     let out = run(ns, NFT, &args, None).await?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         if stderr.contains("No such file or directory") {
-            return Ok(drifted(format!("table inet {TABLE} is missing")));
+            return Ok((drifted(format!("table inet {TABLE} is missing")), None));
         }
         return Err(failed(NFT, &args, &out));
     }
     let live = normalize(&String::from_utf8_lossy(&out.stdout));
     let want = canonical_listing(&eff).await?;
     if let Some(diff) = first_difference(&want, &live) {
-        return Ok(drifted(format!("table inet {TABLE} differs: {diff}")));
+        return Ok((drifted(format!("table inet {TABLE} differs: {diff}")), None));
     }
-    for &fam in families(&eff) {
-        if matching_rules(ns, fam).await? == 0 {
-            return Ok(drifted(format!(
-                "ip {} rule fwmark {MARK_SPEC} lookup {TABLE_SPEC} is missing",
-                fam.flag()
-            )));
-        }
-        if !has_route(ns, fam).await? {
-            return Ok(drifted(format!(
-                "ip {} route local {} dev lo table {TABLE_SPEC} is missing",
-                fam.flag(),
-                fam.default_dst()
-            )));
-        }
-    }
-    Ok(Verification::Intact)
+    // Read before listing: a change in between makes the next check list again.
+    Ok((Verification::Intact, Some(seen.nft_generation)))
 }
 
 /// Canonical listings, keyed by (effective) config; at most four entries.
