@@ -161,6 +161,14 @@ fn ztunnel_gets_config_and_certs_from_the_controller_and_policy_changes_apply_li
         "L7 conversion reported\n{}",
         controller.log()
     );
+    assert!(
+        eventually(Duration::from_secs(5), || mesh
+            .zt
+            .config_dump()
+            .to_string()
+            .contains("deny-posts")),
+        "ztunnel received the converted policy"
+    );
     mesh.connect()
         .and_then(|mut c| c.greeting())
         .expect("a DENY for another principal leaves the client alone");

@@ -114,17 +114,23 @@ impl Early {
         send: &mut SendStream<Bytes>,
     ) {
         self.poll_read_first(cx, tcp, buf);
-        let unsent = self.first.as_ref().map_or(0, |f| f.len() - self.sent);
-        if unsent > 0 {
-            if let Poll::Ready(Ok(n)) = poll_send_capacity(send, cx, unsent) {
-                let Some(first) = &self.first else { return };
-                let chunk = first.slice(self.sent..self.sent + n);
-                if send.send_data(chunk, false).is_ok() {
-                    self.sent += n;
-                }
+        // Until flow control says Pending (which registers the waker) or all is handed over.
+        loop {
+            let unsent = self.first.as_ref().map_or(0, |f| f.len() - self.sent);
+            if unsent == 0 {
+                break;
             }
-            // Errors surface through the response; whatever was not sent goes out later.
-            return;
+            let Poll::Ready(Ok(n)) = poll_send_capacity(send, cx, unsent) else {
+                // Pending, or an error that surfaces through the response; whatever was not
+                // sent goes out later.
+                return;
+            };
+            let Some(first) = &self.first else { return };
+            let chunk = first.slice(self.sent..self.sent + n);
+            if send.send_data(chunk, false).is_err() {
+                return;
+            }
+            self.sent += n;
         }
         if self.eof && !self.eof_sent {
             send.reserve_capacity(0);
@@ -181,24 +187,36 @@ where
         Ok(Sent::Request(response, send)) => (response, send),
         Ok(Sent::Refused(err)) => {
             tracing::debug!(dst = %ready.key.dst, error = %err, "retrying CONNECT on a new connection");
-            return replay(tcp, ready, early, on_established).await;
+            return replay(tcp, ready, early, deadline, on_established).await;
         }
         Err(e) => return Err(TunnelError::Connect(e)),
     };
     let wait = poll_fn(|cx| {
         early.poll_upload(cx, tcp, &mut buf, &mut send);
-        Pin::new(&mut response).poll(cx)
+        if early.read_error.is_some() {
+            // The client went away: abandon the request (dropping `send` resets the stream)
+            // rather than have the server connect to the app for nobody.
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut response).poll(cx).map(Some)
     });
     let response = match tokio::time::timeout_at(deadline, wait).await {
         Err(_elapsed) => return Err(TunnelError::Connect(HboneError::ConnectTimeout)),
-        Ok(Ok(r)) if r.status() == StatusCode::OK => r,
-        Ok(Ok(r)) => return Err(TunnelError::Connect(HboneError::Status(r.status()))),
-        Ok(Err(e)) if crate::pool::refused(&e) => {
+        Ok(None) => {
+            drop(send);
+            let e = early.read_error.take();
+            return Err(TunnelError::Io(
+                e.unwrap_or_else(|| io::Error::other("client gone")),
+            ));
+        }
+        Ok(Some(Ok(r))) if r.status() == StatusCode::OK => r,
+        Ok(Some(Ok(r))) => return Err(TunnelError::Connect(HboneError::Status(r.status()))),
+        Ok(Some(Err(e))) if crate::pool::refused(&e) => {
             tracing::debug!(dst = %ready.key.dst, error = %e, "replaying early CONNECT on a new connection");
             drop(send);
-            return replay(tcp, ready, early, on_established).await;
+            return replay(tcp, ready, early, deadline, on_established).await;
         }
-        Ok(Err(e)) => return Err(TunnelError::Connect(e.into())),
+        Ok(Some(Err(e))) => return Err(TunnelError::Connect(e.into())),
     };
     on_established();
     if let Some(e) = early.read_error.take() {
@@ -224,6 +242,7 @@ async fn replay<A>(
     tcp: &mut A,
     ready: Box<ReadyStream>,
     mut early: Early,
+    deadline: Instant,
     on_established: impl FnOnce(),
 ) -> Result<(u64, u64), TunnelError>
 where
@@ -241,9 +260,11 @@ where
     } = *ready;
     drop((sender, slot));
     pool.forget(&key, conn_id);
-    let mut stream = pool
-        .connect(key, tls, request)
+    // The same deadline as the first attempt: a peer that refused once and then never
+    // answers must not hold the client forever.
+    let mut stream = tokio::time::timeout_at(deadline, pool.connect(key, tls, request))
         .await
+        .map_err(|_| TunnelError::Connect(HboneError::ConnectTimeout))?
         .map_err(TunnelError::Connect)?;
     on_established();
     if let Some(e) = early.read_error.take() {

@@ -208,19 +208,16 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
     }
 }
 
-/// Namespace and service account of the control plane's SPIFFE identity (Istio's istiod).
-pub const CONTROL_PLANE_NAMESPACE: &str = "istio-system";
-/// See [`CONTROL_PLANE_NAMESPACE`].
-pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "istiod";
-
 /// Who the server must prove to be, beyond a chain to the roots.
 #[derive(Debug)]
 enum Expected {
     /// One of these SPIFFE identities (HBONE: the connect-time name is an IP and meaningless).
     Identities(Vec<Identity>),
-    /// The control plane (CA): a certificate valid for the dialed host name or IP, or the
-    /// control plane's SPIFFE identity. Any other mesh certificate chains to the same root, so
-    /// the chain alone would let a workload pose as the CA.
+    /// The control plane (CA): a certificate valid for the dialed host name or IP, as Istio's
+    /// ztunnel checks istiod. Every workload certificate chains to the same root, so the chain
+    /// alone would let any workload pose as the CA; and a SPIFFE identity is no proof either,
+    /// since node proxies may obtain the identity of any pod on their node. Workload
+    /// certificates carry URI SANs only, so they never pass a name check.
     ControlPlane,
 }
 
@@ -253,13 +250,7 @@ impl ServerCertVerifier for ChainVerifier {
             Expected::Identities(expected) => spiffe_ids(end_entity)?
                 .iter()
                 .any(|id| expected.contains(id)),
-            Expected::ControlPlane => {
-                verify_server_name(&parsed, server_name).is_ok()
-                    || spiffe_ids(end_entity)?.iter().any(|id| {
-                        id.namespace == CONTROL_PLANE_NAMESPACE
-                            && id.service_account == CONTROL_PLANE_SERVICE_ACCOUNT
-                    })
-            }
+            Expected::ControlPlane => verify_server_name(&parsed, server_name).is_ok(),
         };
         if !valid {
             return Err(rustls::Error::InvalidCertificate(

@@ -334,6 +334,12 @@ fn quickstart_mesh_end_to_end_through_the_sandbox() {
         after["containers"], before["containers"],
         "container not restarted"
     );
+    let c = &after["containers"][0];
+    let (pid, start) = (c["pid"].as_i64(), c["startTime"].as_u64());
+    assert!(
+        pid.zip(start).is_some_and(alive),
+        "the recorded container process is the live one: {c}"
+    );
     assert!(
         eventually(Duration::from_secs(15), || sb
             .succeeds("legacy/legacy-sleep", pp)

@@ -132,12 +132,34 @@ async fn istio_ca_client_reads_token_file_each_time() {
     task.abort();
 }
 
-/// A serving identity that is a SPIFFE cert with no DNS SAN, as a mesh CA may use.
-fn spiffe_server_tls(ca: &FakeCa) -> tonic::transport::ServerTlsConfig {
+/// A serving certificate from the mesh root for the CA's address (IP SAN) and Istio's DNS name,
+/// plus the control plane's SPIFFE identity, as the controller issues its own.
+fn ca_server_tls(ca: &FakeCa) -> tonic::transport::ServerTlsConfig {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let id = Identity::new(ca.trust_domain(), "istio-system", "istiod");
+    let now = time::OffsetDateTime::now_utc();
+    let sans = vec![
+        SanType::IpAddress([127, 0, 0, 1].into()),
+        SanType::DnsName("istiod.istio-system.svc".try_into().unwrap()),
+        SanType::URI(
+            "spiffe://cluster.local/ns/istio-system/sa/istiod"
+                .try_into()
+                .unwrap(),
+        ),
+    ];
+    let cert = leaf_profile(sans, now - Duration::from_secs(1), now + DEFAULT_TTL)
+        .signed_by(&key, &ca.issuer)
+        .unwrap();
+    tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+        cert.pem(),
+        key.serialize_pem(),
+    ))
+}
+
+/// A certificate the CA hands to a pod: SPIFFE URI SAN only.
+fn workload_server_tls(ca: &FakeCa, id: &Identity) -> tonic::transport::ServerTlsConfig {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let chain = ca
-        .sign_csr(&make_csr(&id, &key).unwrap(), &id, DEFAULT_TTL)
+        .sign_csr(&make_csr(id, &key).unwrap(), id, DEFAULT_TTL)
         .unwrap();
     tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
         &chain[0],
@@ -146,9 +168,9 @@ fn spiffe_server_tls(ca: &FakeCa) -> tonic::transport::ServerTlsConfig {
 }
 
 #[tokio::test]
-async fn istio_ca_client_accepts_spiffe_serving_cert_signed_by_root() {
+async fn istio_ca_client_accepts_a_serving_cert_for_the_dialed_address() {
     let ca = Arc::new(FakeCa::new("cluster.local").unwrap());
-    let (addr, task) = serve(ca.clone(), Some(spiffe_server_tls(&ca))).await;
+    let (addr, task) = serve(ca.clone(), Some(ca_server_tls(&ca))).await;
     let mut cfg = config(format!("https://{addr}"), TOKEN);
     cfg.root_ca_pem = Some(ca.root_pem().to_string());
     let client = IstioCaClient::new(cfg).unwrap();
@@ -157,34 +179,45 @@ async fn istio_ca_client_accepts_spiffe_serving_cert_signed_by_root() {
     task.abort();
 }
 
+/// The error chain of a failed fetch, for asserting on why it failed.
+fn chain(err: &CaError) -> String {
+    let mut out = err.to_string();
+    let mut src = std::error::Error::source(err);
+    while let Some(e) = src {
+        out.push_str(&format!(": {e}"));
+        src = e.source();
+    }
+    out
+}
+
 #[tokio::test]
 async fn istio_ca_client_rejects_a_workload_certificate_posing_as_the_ca() {
-    // Same root, but a workload's identity and no name for the dialed address.
+    // Same root, but a workload's certificate: no name for the dialed address. Not even the
+    // control plane's own SPIFFE identity passes, since a node proxy may obtain it for a pod on
+    // its node.
     let ca = Arc::new(FakeCa::new("cluster.local").unwrap());
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let id = Identity::new(ca.trust_domain(), "default", "attacker");
-    let chain = ca
-        .sign_csr(&make_csr(&id, &key).unwrap(), &id, DEFAULT_TTL)
-        .unwrap();
-    let tls = tonic::transport::ServerTlsConfig::new().identity(
-        tonic::transport::Identity::from_pem(&chain[0], key.serialize_pem()),
-    );
-    let (addr, task) = serve(ca.clone(), Some(tls)).await;
-    let mut cfg = config(format!("https://{addr}"), TOKEN);
-    cfg.root_ca_pem = Some(ca.root_pem().to_string());
-    let client = IstioCaClient::new(cfg).unwrap();
-    let err = client
-        .fetch(&Identity::new("cluster.local", "ns1", "sa1"))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, CaError::Status(_)), "{err}");
-    task.abort();
+    for id in [
+        Identity::new(ca.trust_domain(), "default", "attacker"),
+        Identity::new(ca.trust_domain(), "istio-system", "istiod"),
+    ] {
+        let (addr, task) = serve(ca.clone(), Some(workload_server_tls(&ca, &id))).await;
+        let mut cfg = config(format!("https://{addr}"), TOKEN);
+        cfg.root_ca_pem = Some(ca.root_pem().to_string());
+        let client = IstioCaClient::new(cfg).unwrap();
+        let err = client
+            .fetch(&Identity::new("cluster.local", "ns1", "sa1"))
+            .await
+            .unwrap_err();
+        let why = chain(&err);
+        assert!(why.contains("NotValidForName"), "{id}: {why}");
+        task.abort();
+    }
 }
 
 #[tokio::test]
 async fn istio_ca_client_rejects_serving_cert_from_other_root() {
     let ca = Arc::new(FakeCa::new("cluster.local").unwrap());
-    let (addr, task) = serve(ca.clone(), Some(spiffe_server_tls(&ca))).await;
+    let (addr, task) = serve(ca.clone(), Some(ca_server_tls(&ca))).await;
     let other = FakeCa::new("cluster.local").unwrap();
     let mut cfg = config(format!("https://{addr}"), TOKEN);
     cfg.root_ca_pem = Some(other.root_pem().to_string());

@@ -13,8 +13,10 @@ use crate::metrics::{
 };
 use crate::state::{Service, Workload};
 
-/// Upper bound on cached label sets per proxy; the cache starts over when it is reached.
-const SERIES_CACHE: usize = 4096;
+/// Upper bound on cached label sets per proxy (one proxy per pod). When it is reached, entries
+/// for workloads and services the state has since replaced are dropped first; if that frees
+/// nothing, the cache starts over.
+const SERIES_CACHE: usize = 1024;
 
 /// An `Arc` compared and hashed by address. Holding the `Arc` keeps the address from being
 /// reused, so equal pointers always mean the same (immutable) state object.
@@ -54,6 +56,15 @@ pub struct SeriesKey {
 }
 
 impl SeriesKey {
+    /// False once the state dropped a workload or service this key holds (only the cache
+    /// still has it): such a key can never be looked up again.
+    fn is_live(&self) -> bool {
+        let held = |a: Option<usize>| a.is_none_or(|n| n > 1);
+        held(self.src.as_ref().map(|w| Arc::strong_count(&w.0)))
+            && held(self.dst.as_ref().map(|w| Arc::strong_count(&w.0)))
+            && held(self.service.as_ref().map(|s| Arc::strong_count(&s.0)))
+    }
+
     /// Key for a connection seen by `reporter`. `src_principal` is the proven peer identity
     /// (inbound); outbound the source principal is the proxy's own, fixed per cache.
     pub fn new(
@@ -94,7 +105,10 @@ impl SeriesCache {
             return s.clone();
         }
         if map.len() >= SERIES_CACHE {
-            map.clear();
+            map.retain(|k, _| k.is_live());
+            if map.len() >= SERIES_CACHE {
+                map.clear();
+            }
         }
         let series = Arc::new(ConnectionSeries::new(labels()));
         map.insert(key, series.clone());
@@ -212,4 +226,42 @@ pub fn connect_headers(
         headers.insert("traceparent", v);
     }
     headers
+}
+
+#[cfg(test)]
+mod series_tests {
+    use super::*;
+
+    fn wl(name: &str) -> Arc<Workload> {
+        Arc::new(Workload {
+            name: name.into(),
+            namespace: "default".into(),
+            ..Default::default()
+        })
+    }
+
+    fn key(src: &Arc<Workload>, dst: &Arc<Workload>) -> SeriesKey {
+        SeriesKey::new(Reporter::Source, Some(src), None, Some(dst), None, true)
+    }
+
+    #[test]
+    fn same_workloads_share_a_series_and_replaced_ones_are_evicted_first() {
+        let cache = SeriesCache::default();
+        let (a, b) = (wl("a"), wl("b"));
+        let first = cache.get(key(&a, &b), ConnectionLabels::default);
+        let again = cache.get(key(&a, &b), || panic!("labels rebuilt for a cached pair"));
+        assert!(Arc::ptr_eq(&first, &again));
+        // Fill the cache with pairs whose destination the state has since replaced.
+        for i in 1..SERIES_CACHE {
+            let gone = wl(&format!("gone-{i}"));
+            cache.get(key(&a, &gone), ConnectionLabels::default);
+        }
+        assert_eq!(cache.len(), SERIES_CACHE);
+        // At the bound, only the dead entries go: the live pair keeps its series.
+        let c = wl("c");
+        cache.get(key(&a, &c), ConnectionLabels::default);
+        assert_eq!(cache.len(), 2);
+        let kept = cache.get(key(&a, &b), || panic!("live pair was evicted"));
+        assert!(Arc::ptr_eq(&first, &kept));
+    }
 }
