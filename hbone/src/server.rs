@@ -312,6 +312,11 @@ pub(crate) mod testing {
         }
         match req.parsed_authority() {
             Some(a) if a.port() == 1 => req.reject(http::StatusCode::FORBIDDEN),
+            // A peer that takes the request and never answers it.
+            Some(a) if a.port() == 2 => {
+                let _held = req;
+                std::future::pending::<()>().await;
+            }
             Some(_) if req.method() == http::Method::CONNECT => {
                 let Ok(mut stream) = req.accept() else { return };
                 let _ = copy_back(&mut stream).await;

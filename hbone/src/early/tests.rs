@@ -159,3 +159,97 @@ async fn response_not_in_time_is_a_connect_timeout() {
         "{result:?}"
     );
 }
+
+#[tokio::test]
+async fn a_replay_that_is_never_answered_ends_at_the_deadline() {
+    let (pool, tls, server) = setup().await;
+    // Refused once, then the replay (port 2) is taken and never answered.
+    server.refuse.store(1, Ordering::SeqCst);
+    let (_app, mut proxy_side) = tokio::io::duplex(1024);
+    let opening = pool
+        .open(key(server.addr), tls.client.clone(), request(2))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(500);
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        tunnel(&mut proxy_side, opening, deadline, || {}),
+    )
+    .await
+    .expect("the tunnel must end by its deadline");
+    assert!(
+        matches!(
+            result,
+            Err(TunnelError::Connect(HboneError::ConnectTimeout))
+        ),
+        "{result:?}"
+    );
+    assert_eq!(
+        server.requests.load(Ordering::SeqCst),
+        2,
+        "refused + replay"
+    );
+}
+
+/// A client socket whose reads fail, as after a reset.
+struct Reset;
+
+impl tokio::io::AsyncRead for Reset {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Reset {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Ok(b.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn a_client_reset_before_the_response_abandons_the_tunnel() {
+    let (pool, tls, server) = setup().await;
+    // Port 2 never answers: only the client going away can end this before the deadline.
+    let opening = pool
+        .open(key(server.addr), tls.client.clone(), request(2))
+        .await
+        .unwrap();
+    let established = AtomicBool::new(false);
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        tunnel(&mut Reset, opening, deadline(), || {
+            established.store(true, Ordering::SeqCst)
+        }),
+    )
+    .await
+    .expect("a reset client ends the wait at once");
+    match result {
+        Err(TunnelError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        other => panic!("expected the client's reset, got {other:?}"),
+    }
+    assert!(
+        !established.load(Ordering::SeqCst),
+        "never counted as opened"
+    );
+}
