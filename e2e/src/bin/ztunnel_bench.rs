@@ -8,6 +8,8 @@ mod http;
 mod load;
 #[path = "../bench/procfs.rs"]
 mod procfs;
+#[path = "../bench/report.rs"]
+mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -16,9 +18,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use e2e::netns::TestNet;
-use e2e::zds::ZdsServer;
+use e2e::zds::{ZdsPeer, ZdsServer};
 use e2e::ztunnel::{Ztunnel, metric_sum};
-use serde_json::json;
+use report::{PathResult, RunInfo, Usage};
 
 /// Netns id of the direct path (high, so it never collides with the integration tests).
 const DIRECT_ID: u8 = 231;
@@ -26,17 +28,6 @@ const DIRECT_ID: u8 = 231;
 const MESH_ID: u8 = 232;
 /// Client threads of the connection-rate test.
 const CONN_THREADS: u16 = 2;
-/// Target (from the issue): mesh/direct single-stream throughput.
-const MIN_THROUGHPUT_RATIO: f64 = 0.35;
-/// Target: microseconds ztunnel may add to the median 1 KiB round trip.
-const MAX_ADDED_P50_US: f64 = 48.0;
-/// Target: mesh/direct new connections per second.
-const MIN_CONN_RATIO: f64 = 0.26;
-/// Target: mesh/direct HTTP requests per second.
-const MIN_HTTP_RATIO: f64 = 0.37;
-/// Idle RSS limit, in MB of 10^6 bytes (the stricter reading of "14 MB").
-const MAX_IDLE_RSS_MB: f64 = 14.0;
-
 /// Measures ztunnel's data path against a direct veth path.
 #[derive(Parser, Debug)]
 #[command(name = "ztunnel-bench", about)]
@@ -53,6 +44,10 @@ struct Args {
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
+    /// Alternate direct and mesh this many times and report each metric's median (the
+    /// ztunnel CPU and RSS figures then cover every mesh round).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Run only these tests (comma-separated: throughput, latency, conns, http); skipped rows
     /// show zeros. For quick iteration and profiling one workload at a time.
     #[arg(long, value_delimiter = ',')]
@@ -64,27 +59,6 @@ impl Args {
     fn runs(&self, name: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|t| t == name)
     }
-}
-
-/// Results of one path; the CPU fields are ztunnel's CPU seconds per test (mesh only).
-struct PathResult {
-    throughput: load::Throughput,
-    latency: load::Latency,
-    conns: load::ConnRate,
-    /// Requests/s, or why the row was skipped or failed.
-    http: std::result::Result<http::WrkResult, String>,
-    cpu: [Option<f64>; 4],
-}
-
-/// ztunnel's own footprint and proof that traffic went over mTLS.
-struct Usage {
-    /// Percentage of the machine's CPU busy just before the run (other work skews figures).
-    busy_before: f64,
-    cpu_total: f64,
-    rss_idle: u64,
-    rss_peak: u64,
-    mtls_opened_source: f64,
-    mtls_opened_destination: f64,
 }
 
 fn run_ok(args: &[&str]) -> Result<()> {
@@ -231,12 +205,20 @@ fn mtls_opened(zt: &Ztunnel, reporter: &str) -> f64 {
     )
 }
 
-fn run_mesh(
-    args: &Args,
-    bin: &Path,
-    tools: &std::result::Result<http::Tools, String>,
-    dir: &Path,
-) -> Result<(PathResult, Usage)> {
+/// The mesh path, kept up across rounds: both pods redirected into the real ztunnel.
+struct MeshPath {
+    net: TestNet,
+    zt: Ztunnel,
+    // Held so ztunnel keeps its ZDS connection (and so its pods) for the whole run.
+    _zds: ZdsServer,
+    _peer: ZdsPeer,
+    pid: u32,
+    rss_idle: u64,
+    opened_before: (f64, f64),
+    cpu_before: f64,
+}
+
+fn start_mesh(bin: &Path, dir: &Path) -> Result<MeshPath> {
     let net = TestNet::new(MESH_ID);
     net.install_redirection();
     tune_pods(&net)?;
@@ -266,21 +248,32 @@ fn run_mesh(
     let rss_idle = procfs::status_bytes(pid, "VmRSS")?;
     let opened_before = (mtls_opened(&zt, "source"), mtls_opened(&zt, "destination"));
     let cpu_before = procfs::cpu_seconds(pid)?;
-    let result = measure(&net, args, tools, dir, Some(pid), "mesh")
-        .with_context(|| format!("mesh path (ztunnel log: {})", dir.display()))?;
-    let cpu_total = procfs::cpu_seconds(pid)? - cpu_before;
-    let rss_peak = procfs::status_bytes(pid, "VmHWM")?;
+    Ok(MeshPath {
+        net,
+        zt,
+        _zds: zds,
+        _peer: peer,
+        pid,
+        rss_idle,
+        opened_before,
+        cpu_before,
+    })
+}
+
+/// ztunnel's footprint and mTLS counters over every round.
+fn mesh_usage(m: &MeshPath) -> Result<Usage> {
+    let cpu_total = procfs::cpu_seconds(m.pid)? - m.cpu_before;
+    let rss_peak = procfs::status_bytes(m.pid, "VmHWM")?;
     // Connection counters are reported when connections open; give stragglers a moment.
     std::thread::sleep(Duration::from_millis(500));
-    let usage = Usage {
+    Ok(Usage {
         busy_before: 0.0,
         cpu_total,
-        rss_idle,
+        rss_idle: m.rss_idle,
         rss_peak,
-        mtls_opened_source: mtls_opened(&zt, "source") - opened_before.0,
-        mtls_opened_destination: mtls_opened(&zt, "destination") - opened_before.1,
-    };
-    Ok((result, usage))
+        mtls_opened_source: mtls_opened(&m.zt, "source") - m.opened_before.0,
+        mtls_opened_destination: mtls_opened(&m.zt, "destination") - m.opened_before.1,
+    })
 }
 
 /// Every netns this run may create (TestNet names them `zt<id>t-{a,b,zt}`).
@@ -348,211 +341,48 @@ fn run(args: &Args) -> Result<(PathResult, PathResult, Usage)> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
 
-    let direct = {
-        let net = TestNet::new(DIRECT_ID);
-        tune_pods(&net)?;
-        measure(&net, args, &tools, &dir, None, "direct").context("direct path")?
-    };
-    let (mesh, mut usage) = run_mesh(args, &bin, &tools, &dir)?;
-    usage.busy_before = busy_before;
-    Ok((direct, mesh, usage))
-}
-
-fn verdict(pass: bool) -> &'static str {
-    if pass { "PASS" } else { "MISS" }
-}
-
-fn ratio(mesh: f64, direct: f64) -> f64 {
-    if direct > 0.0 { mesh / direct } else { 0.0 }
-}
-
-fn mb(bytes: u64) -> f64 {
-    bytes as f64 / 1e6
-}
-
-fn http_rps(p: &PathResult) -> Option<f64> {
-    p.http.as_ref().ok().map(|r| r.rps)
-}
-
-fn fmt_cpu(c: Option<f64>) -> String {
-    c.map(|s| format!("{s:.2}")).unwrap_or_else(|| "-".into())
-}
-
-fn print_table(args: &Args, d: &PathResult, m: &PathResult, u: &Usage) {
-    let tput = ratio(m.throughput.gbps(), d.throughput.gbps());
-    let added = m.latency.p50_us - d.latency.p50_us;
-    let conn = ratio(m.conns.per_sec(), d.conns.per_sec());
-    println!(
-        "ztunnel data-path benchmark: {} s per timed test, {} round trips, {} CPUs, \
-         machine {:.0}% busy before the run",
-        args.duration,
-        args.round_trips,
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        u.busy_before
-    );
-    println!(
-        "{:<30} {:>11} {:>11} {:>12} {:>10}  {:<12} result",
-        "metric", "direct", "mesh", "mesh/direct", "zt CPU s", "target"
-    );
-    let row = |name: &str,
-               dv: String,
-               mv: String,
-               rel: String,
-               cpu: Option<f64>,
-               tgt: &str,
-               res: &str| {
-        println!(
-            "{name:<30} {dv:>11} {mv:>11} {rel:>12} {:>10}  {tgt:<12} {res}",
-            fmt_cpu(cpu)
+    let direct_net = TestNet::new(DIRECT_ID);
+    tune_pods(&direct_net)?;
+    let mesh = start_mesh(&bin, &dir)?;
+    // Direct and mesh alternate, so drift on the machine (other load, the hypervisor) hits
+    // both paths alike; the report shows each metric's median over the rounds.
+    let (mut directs, mut meshes) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds.max(1) {
+        if args.rounds > 1 && !args.json {
+            eprintln!("==> round {round}/{}", args.rounds);
+        }
+        directs
+            .push(measure(&direct_net, args, &tools, &dir, None, "direct").context("direct path")?);
+        meshes.push(
+            measure(&mesh.net, args, &tools, &dir, Some(mesh.pid), "mesh")
+                .with_context(|| format!("mesh path (ztunnel log: {})", dir.display()))?,
         );
-    };
-    row(
-        "throughput, 1 stream (Gbit/s)",
-        format!("{:.2}", d.throughput.gbps()),
-        format!("{:.2}", m.throughput.gbps()),
-        format!("{tput:.2}x"),
-        m.cpu[0],
-        ">= 0.35x",
-        verdict(tput >= MIN_THROUGHPUT_RATIO),
-    );
-    row(
-        "1 KiB round trip p50 (µs)",
-        format!("{:.1}", d.latency.p50_us),
-        format!("{:.1}", m.latency.p50_us),
-        format!("+{added:.1} µs"),
-        m.cpu[1],
-        "<= +48 µs",
-        verdict(added <= MAX_ADDED_P50_US),
-    );
-    row(
-        "1 KiB round trip p99 (µs)",
-        format!("{:.1}", d.latency.p99_us),
-        format!("{:.1}", m.latency.p99_us),
-        format!("+{:.1} µs", m.latency.p99_us - d.latency.p99_us),
-        None,
-        "-",
-        "",
-    );
-    row(
-        "new connections/s (2 clients)",
-        format!("{:.0}", d.conns.per_sec()),
-        format!("{:.0}", m.conns.per_sec()),
-        format!("{conn:.2}x"),
-        m.cpu[2],
-        ">= 0.26x",
-        verdict(conn >= MIN_CONN_RATIO),
-    );
-    match (http_rps(d), http_rps(m)) {
-        (Some(dr), Some(mr)) => {
-            let r = ratio(mr, dr);
-            row(
-                "HTTP requests/s (wrk c16 t2)",
-                format!("{dr:.0}"),
-                format!("{mr:.0}"),
-                format!("{r:.2}x"),
-                m.cpu[3],
-                ">= 0.37x",
-                verdict(r >= MIN_HTTP_RATIO),
-            );
-        }
-        _ => {
-            let why = m.http.as_ref().err().or(d.http.as_ref().err());
-            println!(
-                "{:<30} {}",
-                "HTTP requests/s (wrk c16 t2)",
-                why.map_or("", |s| s)
-            );
+        if args.rounds > 1 && !args.json {
+            // Every round's figures, so the spread behind the medians is visible.
+            if let (Some(d), Some(m)) = (directs.last(), meshes.last()) {
+                eprintln!("    round {round}: {}", report::round_summary(d, m));
+            }
         }
     }
-    for (path, p) in [("direct", d), ("mesh", m)] {
-        if let Ok(http::WrkResult {
-            errors: Some(e), ..
-        }) = &p.http
-        {
-            println!("  wrk on {path} reported: {e}");
-        }
-        if p.conns.errors > 0 {
-            println!("  {path}: {} connection attempts failed", p.conns.errors);
-        }
-    }
-    let idle = mb(u.rss_idle);
-    println!(
-        "ztunnel: CPU {:.2} s over the mesh tests; RSS idle {idle:.1} MB (target < 14 MB: {}), \
-         peak {:.1} MB",
-        u.cpu_total,
-        verdict(idle < MAX_IDLE_RSS_MB),
-        mb(u.rss_peak)
-    );
-    println!(
-        "HBONE check: istio_tcp_connections_opened_total{{connection_security_policy=\"mutual_tls\"}} \
-         grew by {:.0} (reporter=source) and {:.0} (reporter=destination){}",
-        u.mtls_opened_source,
-        u.mtls_opened_destination,
-        if u.mtls_opened_destination >= 1.0 {
-            ""
-        } else {
-            "  WARNING: traffic did not go over HBONE"
-        }
-    );
-}
-
-fn path_json(p: &PathResult) -> serde_json::Value {
-    json!({
-        "throughput_gbps": p.throughput.gbps(),
-        "throughput_bytes": p.throughput.bytes,
-        "latency_p50_us": p.latency.p50_us,
-        "latency_p99_us": p.latency.p99_us,
-        "latency_samples": p.latency.samples,
-        "connections_per_sec": p.conns.per_sec(),
-        "connections_completed": p.conns.completed,
-        "connection_errors": p.conns.errors,
-        "http_rps": http_rps(p),
-        "http_note": match &p.http { Ok(r) => r.errors.clone(), Err(e) => Some(e.clone()) },
-        "ztunnel_cpu_seconds": {
-            "throughput": p.cpu[0], "latency": p.cpu[1], "connections": p.cpu[2], "http": p.cpu[3],
-        },
-    })
-}
-
-fn print_json(args: &Args, d: &PathResult, m: &PathResult, u: &Usage) {
-    let tput = ratio(m.throughput.gbps(), d.throughput.gbps());
-    let added = m.latency.p50_us - d.latency.p50_us;
-    let conn = ratio(m.conns.per_sec(), d.conns.per_sec());
-    let http = http_rps(d).zip(http_rps(m)).map(|(dr, mr)| ratio(mr, dr));
-    let doc = json!({
-        "duration_secs": args.duration,
-        "round_trips": args.round_trips,
-        "machine_busy_percent_before": u.busy_before,
-        "direct": path_json(d),
-        "mesh": path_json(m),
-        "ratios": { "throughput": tput, "added_p50_us": added, "connections": conn, "http": http },
-        "ztunnel": {
-            "cpu_seconds": u.cpu_total,
-            "rss_idle_bytes": u.rss_idle,
-            "rss_peak_bytes": u.rss_peak,
-            "mtls_connections_opened": {
-                "source": u.mtls_opened_source, "destination": u.mtls_opened_destination,
-            },
-        },
-        "targets": {
-            "throughput": tput >= MIN_THROUGHPUT_RATIO,
-            "added_p50": added <= MAX_ADDED_P50_US,
-            "connections": conn >= MIN_CONN_RATIO,
-            "http": http.map(|r| r >= MIN_HTTP_RATIO),
-            "idle_rss": mb(u.rss_idle) < MAX_IDLE_RSS_MB,
-        },
-    });
-    println!("{doc:#}");
+    let mut usage = mesh_usage(&mesh)?;
+    usage.busy_before = busy_before;
+    let (direct, mesh) = report::median(&directs, &meshes).context("no round ran")?;
+    Ok((direct, mesh, usage))
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
         Ok((direct, mesh, usage)) => {
+            let info = RunInfo {
+                duration: args.duration,
+                round_trips: args.round_trips,
+                rounds: args.rounds.max(1),
+            };
             if args.json {
-                print_json(&args, &direct, &mesh, &usage);
+                report::print_json(&info, &direct, &mesh, &usage);
             } else {
-                print_table(&args, &direct, &mesh, &usage);
+                report::print_table(&info, &direct, &mesh, &usage);
             }
             // A missed target is a measurement, not a failure.
             ExitCode::SUCCESS
