@@ -136,6 +136,22 @@ fn delete_outbound_redirect(ns: &Netns) {
     ]);
 }
 
+/// Deletes the return-path routing rule of family `fam` (`-4` or `-6`) by hand.
+fn delete_fwmark_rule(ns: &Netns, fam: &str) {
+    ns.exec(&[
+        "ip",
+        fam,
+        "rule",
+        "del",
+        "fwmark",
+        "0x111/0xfff",
+        "pref",
+        "32764",
+        "lookup",
+        "100",
+    ]);
+}
+
 #[tokio::test]
 async fn apply_installs_table_and_routing_and_verify_reports_intact() {
     let ns = Netns::new("apply");
@@ -241,18 +257,7 @@ async fn checks_since_an_intact_generation_still_catch_every_change() {
     assert_eq!(v, Verification::Intact);
     assert_ne!(repaired, Some(generation));
     // Routing is not nft: a deleted ip rule is caught whatever the generation says.
-    ns.exec(&[
-        "ip",
-        "-4",
-        "rule",
-        "del",
-        "fwmark",
-        "0x111/0xfff",
-        "pref",
-        "32764",
-        "lookup",
-        "100",
-    ]);
+    delete_fwmark_rule(&ns, "-4");
     let (v, _) = rules::verify_since(&ns.file, &cfg, repaired).await.unwrap();
     assert!(drift(v).contains("-4 rule"));
 }
@@ -263,21 +268,7 @@ async fn missing_ip_rules_or_routes_are_drift_and_apply_restores_them() {
     let cfg = RedirectConfig::default();
     rules::apply(&ns.file, &cfg).await.unwrap();
 
-    let del_rule = |fam: &str| {
-        ns.exec(&[
-            "ip",
-            fam,
-            "rule",
-            "del",
-            "fwmark",
-            "0x111/0xfff",
-            "pref",
-            "32764",
-            "lookup",
-            "100",
-        ]);
-    };
-    del_rule("-4");
+    delete_fwmark_rule(&ns, "-4");
     let what = drift(rules::verify(&ns.file, &cfg).await.unwrap());
     assert!(what.contains("-4 rule"), "{what}");
     rules::apply(&ns.file, &cfg).await.unwrap();
@@ -287,7 +278,7 @@ async fn missing_ip_rules_or_routes_are_drift_and_apply_restores_them() {
         Verification::Intact
     );
 
-    del_rule("-6");
+    delete_fwmark_rule(&ns, "-6");
     let what = drift(rules::verify(&ns.file, &cfg).await.unwrap());
     assert!(what.contains("-6 rule"), "{what}");
     rules::apply(&ns.file, &cfg).await.unwrap();

@@ -48,6 +48,16 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `ss -Hltn` inside netns `ns`: one line per listening TCP socket (`... <addr>:<port> ...`).
+pub fn listening_tcp(ns: &str) -> String {
+    sh(&["ip", "netns", "exec", ns, "ss", "-Hltn"])
+}
+
+/// True if something in netns `ns` listens on TCP `port` (any address).
+pub fn listens_on(ns: &str, port: u16) -> bool {
+    listening_tcp(ns).contains(&format!(":{port} "))
+}
+
 /// Runs a command in a netns, feeding `stdin`.
 pub fn sh_in(ns: &str, args: &[&str], stdin: Option<&str>) -> String {
     use std::io::Write;

@@ -423,17 +423,16 @@ fn recorded_processes(v: &Value, out: &mut Vec<(i64, u64)>) {
 
 /// True while the recorded process (same pid and start time) exists and is not a zombie.
 fn alive((pid, start): (i64, u64)) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // Fields after the parenthesised command: state is the 1st, start time the 20th.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return false;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first().copied().unwrap_or("X");
-    let started = fields.get(19).and_then(|t| t.parse::<u64>().ok());
-    started == Some(start) && state != "Z" && state != "X"
+    matches!(proc_stat(pid), Some((state, t)) if t == start && state != "Z" && state != "X")
+}
+
+/// State letter and start time (fields 3 and 22 of `/proc/<pid>/stat`).
+fn proc_stat(pid: i64) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Counted after the parenthesised command, which may itself contain spaces.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.to_string();
+    Some((state, fields.nth(18)?.parse().ok()?))
 }
 
 /// Processes inside the sandbox's network namespaces, as (pid, start time, command name).
@@ -455,19 +454,13 @@ fn sandbox_processes() -> Vec<(i64, u64, String)> {
             let Ok(pid) = pid.parse::<i64>() else {
                 continue;
             };
-            if let Some(start) = start_time(pid) {
+            if let Some((_, start)) = proc_stat(pid) {
                 let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
                 out.push((pid, start, comm.trim().to_string()));
             }
         }
     }
     out
-}
-
-fn start_time(pid: i64) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// `up` killed half-way leaves orphaned components and namespaces; `down` removes them all.

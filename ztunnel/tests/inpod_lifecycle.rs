@@ -128,15 +128,6 @@ fn reconnecting_node_agent_snapshot_drops_pods_it_no_longer_lists() {
     assert!(plain.is_ok());
 }
 
-/// Listening TCP ports in a netns.
-fn listening(ns: &str) -> String {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "ss", "-Hltn"])
-        .output()
-        .expect("ss");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn add_for_a_known_pod_with_a_new_netns_moves_its_proxy_there() {
     if !e2e::require_root() {
@@ -144,7 +135,7 @@ fn add_for_a_known_pod_with_a_new_netns_moves_its_proxy_there() {
     }
     let mesh = mesh::start(19, Options::default());
     mesh.check_echo();
-    let has_listeners = |ns: &str| listening(ns).contains(":15001 ");
+    let has_listeners = |ns: &str| e2e::netns::listens_on(ns, 15001);
     assert!(has_listeners(&mesh.net.a.ns));
     // The runtime recreated pod a's sandbox: same uid and workload, another netns.
     let fresh = format!("{}-a2", mesh.net.prefix);
@@ -169,8 +160,8 @@ fn add_for_a_known_pod_with_a_new_netns_moves_its_proxy_there() {
         mesh::eventually(Duration::from_secs(5), || has_listeners(&fresh)
             && !has_listeners(&mesh.net.a.ns)),
         "proxy moved to the new netns\nnew: {}\nold: {}",
-        listening(&fresh),
-        listening(&mesh.net.a.ns)
+        e2e::netns::listening_tcp(&fresh),
+        e2e::netns::listening_tcp(&mesh.net.a.ns)
     );
     // The same Add again (agent restart with the same sandbox) keeps it where it is.
     assert_eq!(mesh.peer.add("uid-a", "a", "default", "client", &fd), "");

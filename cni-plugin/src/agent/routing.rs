@@ -3,9 +3,7 @@
 //! (when the pod has it) IPv6. Doing this in-process instead of running `ip` several times per
 //! pod keeps enrollment off the process-spawn path (PROTOCOLS.md §6).
 
-use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
@@ -17,7 +15,6 @@ use netlink_packet_route::route::{
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
-use nix::sched::{CloneFlags, setns};
 
 /// Connmark ztunnel's spoofed connections carry (and the fwmark their replies get).
 pub const MARK: u32 = 0x111;
@@ -28,38 +25,30 @@ pub const TABLE: u32 = 100;
 /// Priority of the fwmark rule.
 pub const PREF: u32 = 32764;
 
-/// Installs the rule and route in the netns `netns` (IPv6 too when `v6`) and turns on
+/// Installs the rule and route in the calling thread's netns (IPv6 too when `v6`) and turns on
 /// `net.ipv4.tcp_migrate_req` (covers IPv6 too) so ztunnel upgrades drop no queued connection;
-/// idempotent. Blocking: enters the namespace on a throw-away thread.
-pub fn ensure(netns: &File, v6: bool) -> io::Result<()> {
-    let fd = netns.try_clone()?;
-    std::thread::Builder::new()
-        .name("netns-routing".into())
-        .spawn(move || {
-            setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)?;
-            // The socket belongs to the namespace it was created in.
-            let nl = Netlink::open()?;
-            let lo = nix::net::if_::if_nametoindex("lo")?;
-            for &family in families(v6) {
-                nl.request(
-                    RouteNetlinkMessage::NewRule(rule(family)),
-                    NLM_F_CREATE | NLM_F_EXCL,
-                    true,
-                )?;
-                nl.request(
-                    RouteNetlinkMessage::NewRoute(route(family, lo)),
-                    NLM_F_CREATE | NLM_F_REPLACE,
-                    false,
-                )?;
-            }
-            // When ztunnel is upgraded, the old process closes its SO_REUSEPORT listeners in the
-            // pod; without this, connections still in their accept queues are reset instead of
-            // moving to the new ztunnel's listeners.
-            std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")?;
-            Ok(())
-        })?
-        .join()
-        .map_err(|_| io::Error::other("routing thread panicked"))?
+/// idempotent. Blocking; run it on a thread that entered the pod netns.
+pub fn ensure(v6: bool) -> io::Result<()> {
+    // The socket belongs to the namespace it was created in.
+    let nl = Netlink::open()?;
+    let lo = nix::net::if_::if_nametoindex("lo")?;
+    for &family in families(v6) {
+        nl.request(
+            RouteNetlinkMessage::NewRule(rule(family)),
+            NLM_F_CREATE | NLM_F_EXCL,
+            true,
+        )?;
+        nl.request(
+            RouteNetlinkMessage::NewRoute(route(family, lo)),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            false,
+        )?;
+    }
+    // When ztunnel is upgraded, the old process closes its SO_REUSEPORT listeners in the
+    // pod; without this, connections still in their accept queues are reset instead of
+    // moving to the new ztunnel's listeners.
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")?;
+    Ok(())
 }
 
 /// What a pod netns holds of the redirection's kernel state, read without spawning processes.
@@ -74,39 +63,31 @@ pub struct Inspection {
     pub nft_generation: u32,
 }
 
-/// Reads our rules and routes (IPv6 too when `v6`) and the nftables generation of `netns`.
-/// Blocking: enters the namespace on a throw-away thread.
-pub fn inspect(netns: &File, v6: bool) -> io::Result<Inspection> {
-    let fd = netns.try_clone()?;
-    std::thread::Builder::new()
-        .name("netns-inspect".into())
-        .spawn(move || {
-            setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)?;
-            let nl = Netlink::open()?;
-            let lo = nix::net::if_::if_nametoindex("lo")?;
-            let mut out = Inspection {
-                nft_generation: super::nftgen::read()?,
-                ..Inspection::default()
-            };
-            for (i, &family) in families(v6).iter().enumerate() {
-                let mut rule = RuleMessage::default();
-                rule.header.family = family;
-                out.rules[i] = nl
-                    .dump(RouteNetlinkMessage::GetRule(rule))?
-                    .iter()
-                    .filter(|m| matches!(m, RouteNetlinkMessage::NewRule(r) if is_our_rule(r)))
-                    .count();
-                let mut route = RouteMessage::default();
-                route.header.address_family = family;
-                out.routes[i] = nl
-                    .dump(RouteNetlinkMessage::GetRoute(route))?
-                    .iter()
-                    .any(|m| matches!(m, RouteNetlinkMessage::NewRoute(r) if is_our_route(r, lo)));
-            }
-            Ok(out)
-        })?
-        .join()
-        .map_err(|_| io::Error::other("inspection thread panicked"))?
+/// Reads our rules and routes (IPv6 too when `v6`) and the nftables generation of the calling
+/// thread's netns. Blocking; run it on a thread that entered the pod netns.
+pub fn inspect(v6: bool) -> io::Result<Inspection> {
+    let nl = Netlink::open()?;
+    let lo = nix::net::if_::if_nametoindex("lo")?;
+    let mut out = Inspection {
+        nft_generation: super::nftgen::read()?,
+        ..Inspection::default()
+    };
+    for (i, &family) in families(v6).iter().enumerate() {
+        let mut rule = RuleMessage::default();
+        rule.header.family = family;
+        out.rules[i] = nl
+            .dump(RouteNetlinkMessage::GetRule(rule))?
+            .iter()
+            .filter(|m| matches!(m, RouteNetlinkMessage::NewRule(r) if is_our_rule(r)))
+            .count();
+        let mut route = RouteMessage::default();
+        route.header.address_family = family;
+        out.routes[i] = nl
+            .dump(RouteNetlinkMessage::GetRoute(route))?
+            .iter()
+            .any(|m| matches!(m, RouteNetlinkMessage::NewRoute(r) if is_our_route(r, lo)));
+    }
+    Ok(out)
 }
 
 /// `fwmark 0x111/0xfff pref 32764 lookup 100`, nothing more (no selector, not inverted).

@@ -188,23 +188,12 @@ pub async fn apply(netns: &File, cfg: &RedirectConfig) -> Result<(), RulesError>
     // Policy routing over rtnetlink in-process: spawning `ip` per rule dominated enrollment
     // latency. Order does not matter: packets are only marked once both are in place for a
     // connection ztunnel spoofs, which needs ztunnel's listeners first.
-    let fd = netns.try_clone().map_err(|source| RulesError::Netns {
-        what: "duplicating the netns fd",
-        source,
-    })?;
     let v6 = eff.ipv6;
-    let routing = async {
-        tokio::task::spawn_blocking(move || super::routing::ensure(&fd, v6))
-            .await
-            .map_err(|e| RulesError::Netns {
-                what: "programming policy routing",
-                source: io::Error::other(e.to_string()),
-            })?
-            .map_err(|source| RulesError::Netns {
-                what: "programming policy routing (fwmark rule, local route)",
-                source,
-            })
-    };
+    let routing = in_pod(
+        netns,
+        "programming policy routing (fwmark rule, local route)",
+        move || super::routing::ensure(v6),
+    );
     // The nft transaction and the routing are independent; run them side by side.
     let nft = async {
         // Fast path for a pod without our table; replace atomically when one exists.
@@ -261,21 +250,13 @@ pub async fn verify_since(
     known: Option<u32>,
 ) -> Result<(Verification, Option<u32>), RulesError> {
     let eff = effective(netns, cfg).await?;
-    let fd = netns.try_clone().map_err(|source| RulesError::Netns {
-        what: "duplicating the netns fd",
-        source,
-    })?;
     let v6 = eff.ipv6;
-    let seen = tokio::task::spawn_blocking(move || super::routing::inspect(&fd, v6))
-        .await
-        .map_err(|e| RulesError::Netns {
-            what: "inspecting the pod netns",
-            source: io::Error::other(e.to_string()),
-        })?
-        .map_err(|source| RulesError::Netns {
-            what: "reading policy routing and the nftables generation",
-            source,
-        })?;
+    let seen = in_pod(
+        netns,
+        "reading policy routing and the nftables generation",
+        move || super::routing::inspect(v6),
+    )
+    .await?;
     for (i, &fam) in families(&eff).iter().enumerate() {
         if seen.rules[i] == 0 {
             return Ok((
@@ -501,12 +482,7 @@ enum V6State {
 }
 
 async fn ipv6_state(netns: &File) -> Result<V6State, RulesError> {
-    let fd = netns.try_clone().map_err(|source| RulesError::Netns {
-        what: "duplicating the netns fd",
-        source,
-    })?;
-    on_fresh_thread(move || {
-        nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET)?;
+    in_pod(netns, "reading IPv6 settings in the pod netns", || {
         // /proc/sys/net shows the reading thread's netns.
         match std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6") {
             Ok(v) if v.trim() == "0" => Ok(V6State::Enabled),
@@ -516,10 +492,25 @@ async fn ipv6_state(netns: &File) -> Result<V6State, RulesError> {
         }
     })
     .await
-    .map_err(|source| RulesError::Netns {
-        what: "reading IPv6 settings in the pod netns",
+}
+
+/// Runs blocking `f` inside the pod's netns, on a thread that ends afterwards (so the agent's
+/// own threads never change namespace); `what` names the step in the error.
+async fn in_pod<T: Send + 'static>(
+    netns: &File,
+    what: &'static str,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, RulesError> {
+    let fd = netns.try_clone().map_err(|source| RulesError::Netns {
+        what: "duplicating the netns fd",
         source,
+    })?;
+    on_fresh_thread(move || {
+        nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET)?;
+        f()
     })
+    .await
+    .map_err(|source| RulesError::Netns { what, source })
 }
 
 /// `cfg` with IPv6 turned off when the pod cannot use it.
