@@ -24,9 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::pool::{ConnectRequest, Pool, PoolKey, Sent, StreamSlot, send_request};
-use crate::stream::{
-    H2Stream, HboneError, UploadStart, copy_bidirectional, copy_parts, poll_send_capacity,
-};
+use crate::stream::{H2Stream, HboneError, UploadStart, copy_bidirectional, copy_parts};
 
 /// Size of the buffer the first chunk is read into.
 const FIRST_READ: usize = 64 * 1024;
@@ -105,7 +103,12 @@ impl Early {
         }
     }
 
-    /// Reads the first chunk (once) and hands as much of it to h2 as flow control allows.
+    /// Reads the first chunk (once) and hands all of it to h2 at once.
+    ///
+    /// Not waiting for flow-control capacity is what lets the DATA leave with the HEADERS: a
+    /// new stream gets capacity only when the connection task opens it, so waiting would cost
+    /// a second TLS record, syscall and wake-up on the peer. The chunk is in memory anyway (kept
+    /// for a replay) and bounded by [`FIRST_READ`]; h2 sends it as the window allows.
     fn poll_upload<A: AsyncRead + Unpin + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
@@ -114,23 +117,14 @@ impl Early {
         send: &mut SendStream<Bytes>,
     ) {
         self.poll_read_first(cx, tcp, buf);
-        // Until flow control says Pending (which registers the waker) or all is handed over.
-        loop {
-            let unsent = self.first.as_ref().map_or(0, |f| f.len() - self.sent);
-            if unsent == 0 {
-                break;
-            }
-            let Poll::Ready(Ok(n)) = poll_send_capacity(send, cx, unsent) else {
-                // Pending, or an error that surfaces through the response; whatever was not
-                // sent goes out later.
-                return;
-            };
-            let Some(first) = &self.first else { return };
-            let chunk = first.slice(self.sent..self.sent + n);
-            if send.send_data(chunk, false).is_err() {
+        if let Some(first) = &self.first
+            && self.sent == 0
+        {
+            if send.send_data(first.clone(), false).is_err() {
+                // An error that surfaces through the response.
                 return;
             }
-            self.sent += n;
+            self.sent = first.len();
         }
         if self.eof && !self.eof_sent {
             send.reserve_capacity(0);

@@ -19,5 +19,5 @@ pub use pool::{
 };
 pub use server::{InboundRequest, ServerSettings, serve};
 pub use store::{CertError, CertStore, RotationConfig};
-pub use stream::{H2Stream, HboneError, copy_bidirectional};
+pub use stream::{H2Stream, HboneError, TlsTransport, copy_bidirectional, tls_transport};
 pub use tls::{TlsError, client_config, peer_identity, server_config};

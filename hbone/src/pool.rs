@@ -24,7 +24,8 @@ pub use types::{
 
 use crate::early::{Opening, ReadyStream};
 use crate::stream::{
-    H2Stream, HboneError, TLS_WRITE_BUFFER, clamp_frame_size, clamp_window, keepalive,
+    H2Stream, HboneError, TLS_WRITE_BUFFER, TlsTransport, clamp_frame_size, clamp_window,
+    keepalive, tls_transport,
 };
 
 #[derive(Default)]
@@ -470,7 +471,7 @@ impl Driver {
         let tcp = self.shared.connector.connect(dst).await?;
         let server_name = ServerName::IpAddress(dst.ip().into());
         let tls_stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(server_name, tcp)
+            .connect(server_name, tls_transport(tcp))
             .await
             .map_err(HboneError::Tls)?;
         let (send, connection) = h2::client::Builder::new()
@@ -529,8 +530,10 @@ impl Driver {
     }
 }
 
-type ClientConnection =
-    h2::client::Connection<BufWriter<tokio_rustls::client::TlsStream<TcpStream>>, Bytes>;
+type ClientConnection = h2::client::Connection<
+    BufWriter<tokio_rustls::client::TlsStream<TlsTransport<TcpStream>>>,
+    Bytes,
+>;
 
 /// Completes once the stream count has stayed at zero for `timeout` (or the count is gone).
 async fn idle_for(mut streams: watch::Receiver<u32>, timeout: Duration) {

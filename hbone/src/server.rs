@@ -277,7 +277,7 @@ pub(crate) mod testing {
                 let stop = task_stop.clone();
                 let (refuse, requests) = (task_refuse.clone(), task_requests.clone());
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
+                    let Ok(tls) = acceptor.accept(crate::tls_transport(tcp)).await else {
                         return;
                     };
                     let handler = move |req: InboundRequest| {

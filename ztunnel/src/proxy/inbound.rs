@@ -65,8 +65,11 @@ async fn handle_connection(
             return;
         }
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
-        .await
+    let tls = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsAcceptor::from(config).accept(hbone::tls_transport(tcp)),
+    )
+    .await
     {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
