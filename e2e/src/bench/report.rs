@@ -46,6 +46,22 @@ pub struct RunInfo {
     pub round_trips: usize,
     /// Direct/mesh rounds whose medians are reported.
     pub rounds: usize,
+    /// Which of throughput, latency and connection rate ran (`--only` skips the others; the
+    /// HTTP row carries its own reason).
+    pub ran: Ran,
+}
+
+/// The tests a run measured; a skipped test gets no figures and no verdict.
+#[derive(Clone, Copy)]
+pub struct Ran {
+    pub throughput: bool,
+    pub latency: bool,
+    pub conns: bool,
+}
+
+/// A verdict only for a test that ran.
+fn met(ran: bool, pass: bool) -> Option<bool> {
+    ran.then_some(pass)
 }
 
 /// Index of the round whose `metric(direct, mesh)` is the median (the lower middle one for an
@@ -170,42 +186,55 @@ pub fn print_table(args: &RunInfo, d: &PathResult, m: &PathResult, u: &Usage) {
             fmt_cpu(cpu)
         );
     };
-    row(
-        "throughput, 1 stream (Gbit/s)",
-        format!("{:.2}", d.throughput.gbps()),
-        format!("{:.2}", m.throughput.gbps()),
-        format!("{tput:.2}x"),
-        m.cpu[0],
-        ">= 0.35x",
-        verdict(tput >= MIN_THROUGHPUT_RATIO),
-    );
-    row(
-        "1 KiB round trip p50 (µs)",
-        format!("{:.1}", d.latency.p50_us),
-        format!("{:.1}", m.latency.p50_us),
-        format!("+{added:.1} µs"),
-        m.cpu[1],
-        "<= +48 µs",
-        verdict(added <= MAX_ADDED_P50_US),
-    );
-    row(
-        "1 KiB round trip p99 (µs)",
-        format!("{:.1}", d.latency.p99_us),
-        format!("{:.1}", m.latency.p99_us),
-        format!("+{:.1} µs", m.latency.p99_us - d.latency.p99_us),
-        None,
-        "-",
-        "",
-    );
-    row(
-        "new connections/s (2 clients)",
-        format!("{:.0}", d.conns.per_sec()),
-        format!("{:.0}", m.conns.per_sec()),
-        format!("{conn:.2}x"),
-        m.cpu[2],
-        ">= 0.26x",
-        verdict(conn >= MIN_CONN_RATIO),
-    );
+    let skipped = |name: &str| println!("{name:<30} skipped (--only)");
+    if !args.ran.throughput {
+        skipped("throughput, 1 stream (Gbit/s)");
+    } else {
+        row(
+            "throughput, 1 stream (Gbit/s)",
+            format!("{:.2}", d.throughput.gbps()),
+            format!("{:.2}", m.throughput.gbps()),
+            format!("{tput:.2}x"),
+            m.cpu[0],
+            ">= 0.35x",
+            verdict(tput >= MIN_THROUGHPUT_RATIO),
+        );
+    }
+    if !args.ran.latency {
+        skipped("1 KiB round trip (µs)");
+    } else {
+        row(
+            "1 KiB round trip p50 (µs)",
+            format!("{:.1}", d.latency.p50_us),
+            format!("{:.1}", m.latency.p50_us),
+            format!("+{added:.1} µs"),
+            m.cpu[1],
+            "<= +48 µs",
+            verdict(added <= MAX_ADDED_P50_US),
+        );
+        row(
+            "1 KiB round trip p99 (µs)",
+            format!("{:.1}", d.latency.p99_us),
+            format!("{:.1}", m.latency.p99_us),
+            format!("+{:.1} µs", m.latency.p99_us - d.latency.p99_us),
+            None,
+            "-",
+            "",
+        );
+    }
+    if !args.ran.conns {
+        skipped("new connections/s (2 clients)");
+    } else {
+        row(
+            "new connections/s (2 clients)",
+            format!("{:.0}", d.conns.per_sec()),
+            format!("{:.0}", m.conns.per_sec()),
+            format!("{conn:.2}x"),
+            m.cpu[2],
+            ">= 0.26x",
+            verdict(conn >= MIN_CONN_RATIO),
+        );
+    }
     match (http_rps(d), http_rps(m)) {
         (Some(dr), Some(mr)) => {
             let r = ratio(mr, dr);
@@ -300,9 +329,9 @@ pub fn print_json(args: &RunInfo, d: &PathResult, m: &PathResult, u: &Usage) {
             },
         },
         "targets": {
-            "throughput": tput >= MIN_THROUGHPUT_RATIO,
-            "added_p50": added <= MAX_ADDED_P50_US,
-            "connections": conn >= MIN_CONN_RATIO,
+            "throughput": met(args.ran.throughput, tput >= MIN_THROUGHPUT_RATIO),
+            "added_p50": met(args.ran.latency, added <= MAX_ADDED_P50_US),
+            "connections": met(args.ran.conns, conn >= MIN_CONN_RATIO),
             "http": http.map(|r| r >= MIN_HTTP_RATIO),
             "idle_rss": mb(u.rss_idle) < MAX_IDLE_RSS_MB,
         },

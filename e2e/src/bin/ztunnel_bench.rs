@@ -378,6 +378,11 @@ fn main() -> ExitCode {
                 duration: args.duration,
                 round_trips: args.round_trips,
                 rounds: args.rounds.max(1),
+                ran: report::Ran {
+                    throughput: args.runs("throughput"),
+                    latency: args.runs("latency"),
+                    conns: args.runs("conns"),
+                },
             };
             if args.json {
                 report::print_json(&info, &direct, &mesh, &usage);
