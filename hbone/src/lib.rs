@@ -3,6 +3,7 @@
 
 pub mod ca;
 pub mod certificate;
+mod coalesce;
 pub mod early;
 pub mod identity;
 pub mod pool;

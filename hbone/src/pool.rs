@@ -22,10 +22,10 @@ pub use types::{
     ConnectFuture, ConnectRequest, Connector, PoolConfig, PoolKey, PoolStats, TcpConnector,
 };
 
+use crate::coalesce::{Coalesced, h2_transport};
 use crate::early::{Opening, ReadyStream};
 use crate::stream::{
-    H2Stream, HboneError, TLS_WRITE_BUFFER, TlsTransport, clamp_frame_size, clamp_window,
-    keepalive, tls_transport,
+    H2Stream, HboneError, TlsTransport, clamp_frame_size, clamp_window, keepalive, tls_transport,
 };
 
 #[derive(Default)]
@@ -479,7 +479,7 @@ impl Driver {
             .initial_connection_window_size(clamp_window(cfg.conn_window))
             .max_frame_size(clamp_frame_size(cfg.max_frame_size))
             .enable_push(false)
-            .handshake(BufWriter::with_capacity(TLS_WRITE_BUFFER, tls_stream))
+            .handshake(h2_transport(tls_stream))
             .await?;
         Ok((send, connection))
     }
@@ -531,7 +531,7 @@ impl Driver {
 }
 
 type ClientConnection = h2::client::Connection<
-    BufWriter<tokio_rustls::client::TlsStream<TlsTransport<TcpStream>>>,
+    Coalesced<BufWriter<tokio_rustls::client::TlsStream<TlsTransport<TcpStream>>>>,
     Bytes,
 >;
 

@@ -12,9 +12,8 @@ use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::stream::{
-    H2Stream, HboneError, TLS_WRITE_BUFFER, clamp_frame_size, clamp_window, keepalive,
-};
+use crate::coalesce::{Coalesced, h2_transport};
+use crate::stream::{H2Stream, HboneError, clamp_frame_size, clamp_window, keepalive};
 
 /// How long handler tasks may run on after their connection ended before being aborted.
 const HANDLER_GRACE: Duration = Duration::from_secs(1);
@@ -125,7 +124,7 @@ where
         .initial_connection_window_size(clamp_window(settings.conn_window))
         .max_frame_size(clamp_frame_size(settings.max_frame_size))
         .max_header_list_size(settings.max_header_list_size)
-        .handshake::<BufWriter<IO>, Bytes>(BufWriter::with_capacity(TLS_WRITE_BUFFER, io));
+        .handshake::<Coalesced<BufWriter<IO>>, Bytes>(h2_transport(io));
     let mut conn = tokio::time::timeout(settings.handshake_timeout, handshake)
         .await
         .map_err(|_| HboneError::HandshakeTimeout)??;
