@@ -17,10 +17,14 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 
-use crate::stream::TLS_WRITE_BUFFER;
+/// HTTP/2 frames are gathered up to this size before they reach TLS.
+const TLS_WRITE_BUFFER: usize = 64 * 1024;
+
+/// What h2 runs over: `T` (the TLS stream) behind a gathering write buffer.
+pub(crate) type H2Transport<T> = Coalesced<BufWriter<T>>;
 
 /// `io` behind a [`TLS_WRITE_BUFFER`] write buffer whose flushes are gathered per poll.
-pub(crate) fn h2_transport<T: AsyncWrite>(io: T) -> Coalesced<BufWriter<T>> {
+pub(crate) fn h2_transport<T: AsyncWrite>(io: T) -> H2Transport<T> {
     Coalesced {
         inner: BufWriter::with_capacity(TLS_WRITE_BUFFER, io),
         written: false,
@@ -31,7 +35,7 @@ pub(crate) fn h2_transport<T: AsyncWrite>(io: T) -> Coalesced<BufWriter<T>> {
 
 /// An I/O object whose `poll_flush` right after writes only schedules the flush; see the module
 /// docs.
-pub struct Coalesced<T> {
+pub(crate) struct Coalesced<T> {
     inner: T,
     /// Bytes were written since the last flush request.
     written: bool,
@@ -130,7 +134,7 @@ mod tests {
 
     use super::*;
 
-    /// Records every write that reaches it and whether it was flushed.
+    /// Records every write that reaches it and counts its flushes.
     #[derive(Clone, Default)]
     struct Recorder {
         writes: Arc<Mutex<Vec<Vec<u8>>>>,
@@ -166,7 +170,7 @@ mod tests {
     }
 
     /// Writes a frame and flushes it, as h2 does after each DATA frame.
-    fn frame_and_flush(io: &mut Coalesced<BufWriter<Recorder>>, frame: &[u8]) {
+    fn frame_and_flush(io: &mut H2Transport<Recorder>, frame: &[u8]) {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(matches!(

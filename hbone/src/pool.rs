@@ -11,7 +11,6 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use rustls_pki_types::ServerName;
-use tokio::io::BufWriter;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -22,7 +21,7 @@ pub use types::{
     ConnectFuture, ConnectRequest, Connector, PoolConfig, PoolKey, PoolStats, TcpConnector,
 };
 
-use crate::coalesce::{Coalesced, h2_transport};
+use crate::coalesce::{H2Transport, h2_transport};
 use crate::early::{Opening, ReadyStream};
 use crate::stream::{
     H2Stream, HboneError, TlsTransport, clamp_frame_size, clamp_window, keepalive, tls_transport,
@@ -531,7 +530,7 @@ impl Driver {
 }
 
 type ClientConnection = h2::client::Connection<
-    Coalesced<BufWriter<tokio_rustls::client::TlsStream<TlsTransport<TcpStream>>>>,
+    H2Transport<tokio_rustls::client::TlsStream<TlsTransport<TcpStream>>>,
     Bytes,
 >;
 

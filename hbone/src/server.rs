@@ -8,11 +8,11 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::coalesce::{Coalesced, h2_transport};
+use crate::coalesce::{H2Transport, h2_transport};
 use crate::stream::{H2Stream, HboneError, clamp_frame_size, clamp_window, keepalive};
 
 /// How long handler tasks may run on after their connection ended before being aborted.
@@ -124,7 +124,7 @@ where
         .initial_connection_window_size(clamp_window(settings.conn_window))
         .max_frame_size(clamp_frame_size(settings.max_frame_size))
         .max_header_list_size(settings.max_header_list_size)
-        .handshake::<Coalesced<BufWriter<IO>>, Bytes>(h2_transport(io));
+        .handshake::<H2Transport<IO>, Bytes>(h2_transport(io));
     let mut conn = tokio::time::timeout(settings.handshake_timeout, handshake)
         .await
         .map_err(|_| HboneError::HandshakeTimeout)??;

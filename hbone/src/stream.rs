@@ -15,9 +15,6 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 
 /// Largest DATA payload handed to h2 per write; bounds memory buffered per stream.
 const MAX_WRITE_CHUNK: usize = 256 * 1024;
-/// HTTP/2 frames are gathered up to this size before they reach TLS, so a burst of small
-/// frames (HEADERS, WINDOW_UPDATE, END_STREAM) costs one TLS write and one syscall, not one each.
-pub(crate) const TLS_WRITE_BUFFER: usize = 64 * 1024;
 /// Bytes fetched from the socket per `recv` under TLS. rustls asks for at most one record
 /// (~16 KiB) at a time; reading several records per syscall cuts receive syscalls and the
 /// window-update ACKs each small read can trigger.
@@ -62,16 +59,16 @@ pub enum HboneError {
     PoolClosed,
 }
 
-/// Turns an h2 error into an io error, keeping the underlying io error when there is one.
 /// A socket behind the read buffer HBONE runs TLS over.
 pub type TlsTransport<T> = BufReader<T>;
 
 /// The transport to run TLS over: the socket behind a [`TLS_READ_BUFFER`] read buffer
 /// (writes pass straight through).
-pub fn tls_transport<T: AsyncRead>(tcp: T) -> BufReader<T> {
+pub fn tls_transport<T: AsyncRead>(tcp: T) -> TlsTransport<T> {
     BufReader::with_capacity(TLS_READ_BUFFER, tcp)
 }
 
+/// Turns an h2 error into an io error, keeping the underlying io error when there is one.
 pub(crate) fn h2_to_io(err: h2::Error) -> io::Error {
     if err.is_io() {
         match err.into_io() {
