@@ -19,6 +19,9 @@ have ip || need+=(iproute2)
 have wrk || need+=(wrk)
 have iperf3 || need+=(iperf3)
 have nginx || need+=(nginx)
+# The eBPF redirection programs (crate ebpf) are built with clang against libbpf's headers.
+have clang || need+=(clang)
+[ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then echo "run as root (it creates network namespaces)" >&2; exit 1; fi
 need=()
-for pkg in iproute2 nftables curl containernetworking-plugins; do
+# clang + libbpf-dev build the eBPF redirection programs (crate ebpf).
+for pkg in iproute2 nftables curl containernetworking-plugins clang libbpf-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -10,7 +10,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 need=()
-for pkg in iproute2 nftables curl iperf3 containernetworking-plugins; do
+# clang + libbpf-dev build the eBPF redirection programs (crate ebpf).
+for pkg in iproute2 nftables curl iperf3 containernetworking-plugins clang libbpf-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
