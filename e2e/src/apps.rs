@@ -133,6 +133,10 @@ pub fn bypass_connect(ns: &str, addr: SocketAddr) -> std::io::Result<TcpStream> 
             None,
         )?;
         setsockopt(&fd, sockopt::Mark, &BYPASS_MARK)?;
+        // Bounds a blocking connect too (Linux applies SO_SNDTIMEO to it): a dropped SYN
+        // must fail the test quickly, not after the kernel's two minutes of retries.
+        let timeout = nix::sys::time::TimeVal::new(5, 0);
+        setsockopt(&fd, sockopt::SendTimeout, &timeout)?;
         connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4))?;
         let stream = TcpStream::from(fd);
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;

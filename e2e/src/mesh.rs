@@ -38,6 +38,8 @@ pub struct Options<'a> {
     /// Run this mesh-controller binary (files source) and let ztunnel get its config and
     /// certificates from it over TLS instead of a local file and an in-process CA.
     pub controller: Option<&'a Path>,
+    /// Redirect the pods with the node agent's eBPF programs instead of nftables rules.
+    pub ebpf: bool,
 }
 
 /// The mesh; everything is torn down on drop.
@@ -58,6 +60,10 @@ pub struct Mesh {
     pub zds: ZdsServer,
     pub peer: ZdsPeer,
     pub server: EchoServer,
+    /// ZDS UIDs of pods a and b (in eBPF mode also the keys of their pins).
+    pub uids: [String; 2],
+    /// eBPF mode: the pods' pinned programs, removed after everything else.
+    pub ebpf: Option<crate::netns::EbpfPins>,
 }
 
 /// What the local config says besides policies.
@@ -141,7 +147,21 @@ impl Mesh {
     /// picks netns names and addresses).
     pub fn start(bin: &Path, id: u8, opts: Options<'_>) -> Self {
         let net = TestNet::new(id);
-        net.install_redirection();
+        let uids = if opts.ebpf {
+            // Pins outlive namespaces, so their keys must be unique per test.
+            [
+                format!("{}-uid-a", net.prefix),
+                format!("{}-uid-b", net.prefix),
+            ]
+        } else {
+            ["uid-a".to_string(), "uid-b".to_string()]
+        };
+        let ebpf = if opts.ebpf {
+            Some(net.install_ebpf_redirection([&uids[0], &uids[1]]))
+        } else {
+            net.install_redirection();
+            None
+        };
         let dir = std::env::temp_dir().join(format!("ztunnel-test-{}", net.prefix));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -203,9 +223,9 @@ impl Mesh {
         let peer = zds
             .try_accept()
             .unwrap_or_else(|e| panic!("{e}\nztunnel log:\n{}", zt.log()));
-        let mut pods = vec![("uid-a", &net.a, "a", "client")];
+        let mut pods = vec![(&uids[0], &net.a, "a", "client")];
         if !opts.dedicated_server {
-            pods.push(("uid-b", &net.b, "b", "server"));
+            pods.push((&uids[1], &net.b, "b", "server"));
         }
         for (uid, pod, name, sa) in pods {
             let err = peer.add(uid, name, "default", sa, &pod.netns_fd());
@@ -238,6 +258,8 @@ impl Mesh {
             zds,
             peer,
             server,
+            uids,
+            ebpf,
         }
     }
 

@@ -3,7 +3,7 @@
 //! ztunnel itself runs. Everything is removed on drop, even when the test fails.
 
 use std::net::Ipv4Addr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::Command;
 
 /// In-pod redirection: outbound REDIRECT to 15001, inbound TPROXY to 15006, HBONE to 15008,
@@ -193,6 +193,44 @@ impl TestNet {
     fn cleanup(&self) {
         for ns in [&self.a.ns, &self.b.ns, &self.zt] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+impl TestNet {
+    /// eBPF-mode redirection in both pods, as the node agent's `ebpf` mode installs it: the
+    /// programs pinned as pods `uids` (the UIDs ztunnel is told over ZDS) under
+    /// [`ebpf::DEFAULT_PIN_ROOT`], plus the policy routing outbound capture needs. The pins
+    /// are removed when the returned guard drops.
+    pub fn install_ebpf_redirection(&self, uids: [&str; 2]) -> EbpfPins {
+        let mut pins = EbpfPins(Vec::new());
+        for (pod, uid) in [&self.a, &self.b].into_iter().zip(uids) {
+            for line in ebpf::ROUTING {
+                let line = line.replace("{pod_ip}", &pod.ip.to_string());
+                let mut args = vec!["ip", "-n", &pod.ns];
+                args.extend(line.split(' '));
+                sh(&args);
+            }
+            let redirection = ebpf::PodRedirection::new(ebpf::DEFAULT_PIN_ROOT, uid)
+                .unwrap_or_else(|e| panic!("pod key {uid}: {e}"));
+            // Left over from an interrupted run: its netns is gone, the pins are not.
+            let _ = redirection.remove();
+            redirection
+                .install(pod.netns_fd().as_fd(), "eth0", &[pod.ip])
+                .unwrap_or_else(|e| panic!("installing eBPF redirection in {}: {e}", pod.ns));
+            pins.0.push(redirection);
+        }
+        pins
+    }
+}
+
+/// Pinned eBPF redirection of a [`TestNet`]'s pods; unpinned on drop.
+pub struct EbpfPins(Vec<ebpf::PodRedirection>);
+
+impl Drop for EbpfPins {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = p.remove();
         }
     }
 }

@@ -170,7 +170,12 @@ pub async fn run(mut args: Args, logs: LogControl) -> anyhow::Result<()> {
         }
         ProxyMode::Shared => {
             let host = Netns::open_host().context("opening own network namespace")?;
-            let manager = InpodManager::new(shared, args.inpod_uds.clone(), host);
+            let manager = InpodManager::new(
+                shared,
+                args.inpod_uds.clone(),
+                args.bpf_pin_root.clone(),
+                host,
+            );
             let zds_ready = readiness.register("zds snapshot");
             let d = drain.clone();
             proxies.spawn(async move {

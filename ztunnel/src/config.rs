@@ -110,6 +110,12 @@ pub struct Args {
     )]
     pub inpod_uds: PathBuf,
 
+    /// bpffs directory where the node agent pins each pod's eBPF redirection (eBPF mode):
+    /// when `<dir>/<pod uid>/` exists, the pod's 15001 and 15006 listeners are registered
+    /// there. Pods the agent redirects with nftables have no directory and need nothing.
+    #[arg(long, env = "BPF_PIN_ROOT", default_value = ebpf::DEFAULT_PIN_ROOT)]
+    pub bpf_pin_root: PathBuf,
+
     /// The workload served in dedicated mode, as `namespace/name/service-account`.
     #[arg(long, env = "PROXY_WORKLOAD_INFO")]
     pub proxy_workload_info: Option<String>,

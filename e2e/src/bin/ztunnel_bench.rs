@@ -52,6 +52,19 @@ struct Args {
     /// show zeros. For quick iteration and profiling one workload at a time.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// How the mesh path's pods are redirected into ztunnel: the node agent's nftables rules
+    /// (REDIRECT/TPROXY, conntrack) or its eBPF programs (sk_lookup/tc, no netfilter).
+    #[arg(long, value_enum, default_value = "nftables")]
+    redirect: Redirect,
+}
+
+/// In-pod redirection mode of the mesh path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Redirect {
+    /// nftables REDIRECT (outbound) and TPROXY (inbound).
+    Nftables,
+    /// eBPF sk_lookup (outbound) and tc sk_assign (inbound).
+    Ebpf,
 }
 
 impl Args {
@@ -212,15 +225,27 @@ struct MeshPath {
     // Held so ztunnel keeps its ZDS connection (and so its pods) for the whole run.
     _zds: ZdsServer,
     _peer: ZdsPeer,
+    // eBPF mode: unpinned after ztunnel is gone.
+    _pins: Option<e2e::netns::EbpfPins>,
     pid: u32,
     rss_idle: u64,
     opened_before: (f64, f64),
     cpu_before: f64,
 }
 
-fn start_mesh(bin: &Path, dir: &Path) -> Result<MeshPath> {
+fn start_mesh(bin: &Path, dir: &Path, redirect: Redirect) -> Result<MeshPath> {
     let net = TestNet::new(MESH_ID);
-    net.install_redirection();
+    let uids = [
+        format!("{}-uid-a", net.prefix),
+        format!("{}-uid-b", net.prefix),
+    ];
+    let pins = match redirect {
+        Redirect::Nftables => {
+            net.install_redirection();
+            None
+        }
+        Redirect::Ebpf => Some(net.install_ebpf_redirection([&uids[0], &uids[1]])),
+    };
     tune_pods(&net)?;
     let config = dir.join("config.yaml");
     std::fs::write(&config, config_yaml(&net))?;
@@ -229,8 +254,8 @@ fn start_mesh(bin: &Path, dir: &Path) -> Result<MeshPath> {
     let mut zt = Ztunnel::start(bin, &net.zt, dir, &config, &uds, &[]);
     let peer = zds.accept();
     for (uid, pod, name, sa) in [
-        ("uid-a", &net.a, "a", "client"),
-        ("uid-b", &net.b, "b", "server"),
+        (&uids[0], &net.a, "a", "client"),
+        (&uids[1], &net.b, "b", "server"),
     ] {
         let err = peer.add(uid, name, "default", sa, &pod.netns_fd());
         if !err.is_empty() {
@@ -253,6 +278,7 @@ fn start_mesh(bin: &Path, dir: &Path) -> Result<MeshPath> {
         zt,
         _zds: zds,
         _peer: peer,
+        _pins: pins,
         pid,
         rss_idle,
         opened_before,
@@ -343,7 +369,7 @@ fn run(args: &Args) -> Result<(PathResult, PathResult, Usage)> {
 
     let direct_net = TestNet::new(DIRECT_ID);
     tune_pods(&direct_net)?;
-    let mesh = start_mesh(&bin, &dir)?;
+    let mesh = start_mesh(&bin, &dir, args.redirect)?;
     // Direct and mesh alternate, so drift on the machine (other load, the hypervisor) hits
     // both paths alike; the report shows each metric's median over the rounds.
     let (mut directs, mut meshes) = (Vec::new(), Vec::new());

@@ -45,6 +45,8 @@ impl NetnsId {
 pub struct InpodManager {
     shared: Shared,
     uds: PathBuf,
+    /// Where the node agent pins pods' eBPF redirection.
+    bpf_pin_root: PathBuf,
     host_netns: Arc<OwnedFd>,
     proxies: HashMap<String, Running>,
     tasks: TaskTracker,
@@ -52,10 +54,16 @@ pub struct InpodManager {
 
 impl InpodManager {
     /// A manager connecting to the node agent at `uds`.
-    pub fn new(shared: Shared, uds: PathBuf, host_netns: Arc<OwnedFd>) -> Self {
+    pub fn new(
+        shared: Shared,
+        uds: PathBuf,
+        bpf_pin_root: PathBuf,
+        host_netns: Arc<OwnedFd>,
+    ) -> Self {
         Self {
             shared,
             uds,
+            bpf_pin_root,
             host_netns,
             proxies: HashMap::new(),
             tasks: TaskTracker::new(),
@@ -189,6 +197,16 @@ impl InpodManager {
         let netns = Netns::pod(fd, self.host_netns.clone());
         let proxy = Proxy::bind(self.shared.clone(), info.clone(), netns)
             .map_err(|e| format!("add {uid}: binding listeners in the pod netns: {e}"))?;
+        // eBPF mode: the pod's programs steer to whatever listeners are registered, so a pod
+        // whose registration fails must not be reported as enrolled.
+        if let Ok(pins) = ebpf::PodRedirection::new(&self.bpf_pin_root, &uid)
+            && pins.is_installed()
+        {
+            proxy.register_redirection(&pins).map_err(|e| {
+                format!("add {uid}: registering listeners for eBPF redirection: {e}")
+            })?;
+            tracing::info!(%uid, "listeners registered for eBPF redirection");
+        }
         let drain = CancellationToken::new();
         self.tasks.spawn(proxy.run(drain.clone()));
         tracing::info!(%uid, workload = ?info, "pod enrolled");

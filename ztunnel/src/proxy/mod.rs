@@ -269,6 +269,18 @@ impl Proxy {
         })
     }
 
+    /// Registers the IPv4 15001 and 15006 listeners with the pod's eBPF redirection, which
+    /// then steers the pod's new connections to them (the newest registration wins).
+    pub fn register_redirection(&self, pins: &ebpf::PodRedirection) -> Result<(), ebpf::EbpfError> {
+        if let Some(l) = self.outbound.first() {
+            pins.register(ebpf::Listener::Outbound, l)?;
+        }
+        if let Some(l) = self.inbound_plaintext.first() {
+            pins.register(ebpf::Listener::Inbound, l)?;
+        }
+        Ok(())
+    }
+
     /// Runs until `drain` is cancelled and the connections finish (or the deadline cuts them).
     pub async fn run(self, drain: CancellationToken) {
         let inputs = self.inputs;
