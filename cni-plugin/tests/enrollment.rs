@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use e2e::apps::{Client, EchoServer};
+use e2e::cni::PodSandbox;
 use e2e::mesh::eventually;
 use e2e::netns::{listening_tcp, listens_on};
 use e2e::node::{Binaries, MeshNode, has_mark_rule, has_redirection};
@@ -56,6 +57,39 @@ fn mtls_connections(node: &MeshNode, src_ns: &str, src_sa: &str) -> f64 {
     )
 }
 
+/// An echo from `client` (namespace shop, SA client) to `server` is captured, goes over HBONE
+/// (counted as mutual_tls with the client's identity) and keeps the client's IP.
+fn assert_talk_over_hbone(
+    node: &MeshNode,
+    client: &PodSandbox,
+    client_ip: Ipv4Addr,
+    server: &PodSandbox,
+    server_ip: Ipv4Addr,
+) {
+    let srv = EchoServer::start(&server.netns, APP_PORT);
+    assert!(
+        eventually(Duration::from_secs(20), || node.ztunnel_knows(server_ip)
+            && node.ztunnel_knows(client_ip)),
+        "ztunnel learns both pods\n{}",
+        node.logs()
+    );
+    let before = mtls_connections(node, "shop", "client");
+    echo(&client.netns, app(server_ip)).unwrap_or_else(|e| panic!("echo: {e}\n{}", node.logs()));
+    assert!(
+        eventually(Duration::from_secs(5), || mtls_connections(
+            node, "shop", "client"
+        ) > before),
+        "connection reported as mutual_tls with the client's identity\n{}",
+        node.ztunnel.as_ref().unwrap().metrics()
+    );
+    let peers = srv.peers.lock().unwrap().clone();
+    assert_eq!(
+        peers.last().map(|p| p.ip()),
+        Some(client_ip.into()),
+        "source IP preserved"
+    );
+}
+
 #[test]
 fn ambient_pods_are_enrolled_at_add_talk_over_hbone_and_del_removes_everything() {
     if !e2e::require_root() {
@@ -88,28 +122,7 @@ fn ambient_pods_are_enrolled_at_add_talk_over_hbone_and_del_removes_everything()
     assert_eq!(node.agent_metric("mesh_cni_enrolled_pods", &[]), 2.0);
 
     // Traffic between the two enrolled pods is captured and goes over HBONE.
-    let srv = EchoServer::start(&server.netns, APP_PORT);
-    assert!(
-        eventually(Duration::from_secs(20), || node.ztunnel_knows(server_ip)
-            && node.ztunnel_knows(client_ip)),
-        "ztunnel learns both pods\n{}",
-        node.logs()
-    );
-    let before = mtls_connections(&node, "shop", "client");
-    echo(&client.netns, app(server_ip)).unwrap_or_else(|e| panic!("echo: {e}\n{}", node.logs()));
-    assert!(
-        eventually(Duration::from_secs(5), || mtls_connections(
-            &node, "shop", "client"
-        ) > before),
-        "connection reported as mutual_tls with the client's identity\n{}",
-        node.ztunnel.as_ref().unwrap().metrics()
-    );
-    let peers = srv.peers.lock().unwrap().clone();
-    assert_eq!(
-        peers.last().map(|p| p.ip()),
-        Some(client_ip.into()),
-        "source IP preserved"
-    );
+    assert_talk_over_hbone(&node, &client, client_ip, &server, server_ip);
 
     // CHECK passes for an intact pod; DEL removes rules and the pod from ztunnel.
     node.cni
@@ -359,5 +372,38 @@ fn pods_the_agent_never_saw_are_found_by_ip_when_enrolled_and_released_when_unen
             .all(|&p| !listens_on(&old.netns, p))),
         "ztunnel released the pod: {}",
         listening_tcp(&old.netns)
+    );
+}
+
+#[test]
+fn in_ebpf_mode_ambient_pods_talk_over_hbone_without_netfilter_and_del_unpins_them() {
+    if !e2e::require_root() {
+        return;
+    }
+    let mut node = MeshNode::start_ebpf(&binaries(), 45);
+    node.namespace("shop", true);
+    let (client, r) = node.create_pod("shop", "client", "client", &[]);
+    let client_ip = r.unwrap_or_else(|e| panic!("ADD client: {e:?}\n{}", node.logs()));
+    let (server, r) = node.create_pod("shop", "server", "server", &[]);
+    let server_ip = r.unwrap_or_else(|e| panic!("ADD server: {e:?}\n{}", node.logs()));
+    let root = node.bpf_pin_root.clone().unwrap();
+    for pod in [&client, &server] {
+        let pins = ebpf::PodRedirection::new(&root, &pod.uid).unwrap();
+        assert!(pins.is_installed(), "{} pinned\n{}", pod.name, node.logs());
+        assert!(!has_redirection(pod), "no nftables table in eBPF mode");
+    }
+
+    assert_talk_over_hbone(&node, &client, client_ip, &server, server_ip);
+
+    node.cni
+        .check(&client)
+        .unwrap_or_else(|e| panic!("CHECK: {e:?}"));
+    node.cni
+        .del(&client)
+        .unwrap_or_else(|e| panic!("DEL: {e:?}"));
+    assert!(
+        !root.join(&client.uid).exists(),
+        "DEL unpins the programs\n{}",
+        node.logs()
     );
 }

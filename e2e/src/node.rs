@@ -63,6 +63,9 @@ pub struct MeshNode {
     pub ztunnel: Option<Ztunnel>,
     /// The agent's `--reconcile-interval`.
     reconcile_interval: String,
+    /// eBPF mode: the node's pin root (a directory of its own on the shared bpffs, so
+    /// parallel tests never share pod keys); `None` runs the agent in nftables mode.
+    pub bpf_pin_root: Option<PathBuf>,
 }
 
 impl MeshNode {
@@ -75,6 +78,15 @@ impl MeshNode {
     /// Like [`MeshNode::start`], with the agent verifying every pod's rules every `interval`
     /// (tests use 1 s so repairs show quickly; benchmarks use the agent's default).
     pub fn start_with_reconcile(bins: &Binaries, id: u8, interval: &str) -> Self {
+        Self::start_in_mode(bins, id, interval, false)
+    }
+
+    /// Like [`MeshNode::start`], with the agent and ztunnel in eBPF redirection mode.
+    pub fn start_ebpf(bins: &Binaries, id: u8) -> Self {
+        Self::start_in_mode(bins, id, "1s", true)
+    }
+
+    fn start_in_mode(bins: &Binaries, id: u8, interval: &str, ebpf: bool) -> Self {
         let ns = format!("cn{id}");
         let dir = std::env::temp_dir().join(format!("mesh-node-test-{id}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -107,6 +119,15 @@ impl MeshNode {
             agent: None,
             ztunnel: None,
             reconcile_interval: interval.to_string(),
+            bpf_pin_root: ebpf.then(|| {
+                let root = PathBuf::from(ebpf::DEFAULT_PIN_ROOT);
+                // Mounted on the shared root first, so the node's directory is on that bpffs
+                // instead of a mount of its own.
+                ebpf::ensure_bpffs(&root).expect("mounting the bpffs pin root");
+                let node_root = root.join(format!("node-{id}"));
+                let _ = std::fs::remove_dir_all(&node_root);
+                node_root
+            }),
         };
         node.start_agent();
         node.start_ztunnel();
@@ -122,7 +143,11 @@ impl MeshNode {
             self.dir.join("agent-state").to_string_lossy().into_owned(),
             format!("127.0.0.1:{AGENT_MONITORING_PORT}"),
         );
-        let args = [
+        let pin_root = self
+            .bpf_pin_root
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned());
+        let mut args = vec![
             "--node-name",
             &self.name,
             "--config-source",
@@ -140,6 +165,9 @@ impl MeshNode {
             "--reconcile-interval",
             &self.reconcile_interval,
         ];
+        if let Some(root) = &pin_root {
+            args.extend(["--redirect-mode", "ebpf", "--bpf-pin-root", root]);
+        }
         let mut p = NetnsProcess::start(
             "mesh-cni-agent",
             &self.bins.agent,
@@ -174,6 +202,14 @@ impl MeshNode {
             ("LOCAL_XDS_PATH", ""),
             ("FAKE_CA", "false"),
         ];
+        let pin_root = self
+            .bpf_pin_root
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned());
+        let mut env = env.to_vec();
+        if let Some(root) = &pin_root {
+            env.push(("BPF_PIN_ROOT", root));
+        }
         let mut z = Ztunnel::start(
             &self.bins.ztunnel,
             &self.cni.ns,
@@ -327,5 +363,8 @@ impl Drop for MeshNode {
         self.agent.take();
         self.ztunnel.take();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(root) = &self.bpf_pin_root {
+            let _ = std::fs::remove_dir_all(root);
+        }
     }
 }

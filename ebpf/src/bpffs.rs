@@ -7,7 +7,7 @@ use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
 use crate::EbpfError;
 
-/// Creates `root` and mounts a bpffs on it unless it already is one.
+/// Creates `root` and mounts a bpffs on it unless it already is (or lies on) one.
 pub fn ensure(root: &Path) -> Result<(), EbpfError> {
     std::fs::create_dir_all(root)
         .map_err(|e| EbpfError::io(format!("creating {}", root.display()), e))?;

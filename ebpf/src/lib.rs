@@ -15,6 +15,7 @@
 mod bpffs;
 mod pod;
 
+pub use bpffs::ensure as ensure_bpffs;
 pub use pod::{Dropped, Listener, PodRedirection};
 
 /// Where pins live by default: a bpffs of its own under `/run`, because `ip netns exec`

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::cluster::ClusterView;
 use super::enroll::{EnrollConfig, Enroller};
 use super::metrics::Metrics;
+use super::redirect::RedirectMode;
 use super::rules::RedirectConfig;
 use super::server;
 use super::zds::{ZdsHub, ZdsServer};
@@ -27,6 +28,15 @@ pub enum SourceKind {
     Files,
     /// The Kubernetes API (in-cluster config or KUBECONFIG).
     Kube,
+}
+
+/// `--redirect-mode` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// nftables REDIRECT (outbound) and TPROXY (inbound) rules.
+    Nftables,
+    /// eBPF sk_lookup (outbound) and tc ingress (inbound) programs.
+    Ebpf,
 }
 
 /// Node agent for ambient mode: decides which pods on this node are in the mesh, installs
@@ -65,7 +75,15 @@ pub struct Args {
     /// How long a CNI ADD waits for its pod to appear in the config source.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub pod_wait: Duration,
-    /// Also redirect DNS (UDP/TCP 53) to ztunnel's DNS proxy on 15053.
+    /// How pods are redirected into ztunnel: `nftables` (REDIRECT/TPROXY rules, as Istio) or
+    /// `ebpf` (sk_lookup and tc programs, no netfilter or conntrack on the pod's packets;
+    /// IPv4 only, needs kernel 6.6+, and ztunnel must see --bpf-pin-root).
+    #[arg(long, env = "REDIRECT_MODE", value_enum, default_value = "nftables")]
+    pub redirect_mode: ModeArg,
+    /// bpffs directory for the eBPF mode's per-pod pins (mounted there if it is not one).
+    #[arg(long, env = "BPF_PIN_ROOT", default_value = ebpf::DEFAULT_PIN_ROOT)]
+    pub bpf_pin_root: PathBuf,
+    /// Also redirect DNS (UDP/TCP 53) to ztunnel's DNS proxy on 15053 (nftables mode).
     #[arg(long, default_value_t = false)]
     pub dns_capture: bool,
     /// Install IPv6 redirection too (skipped in pods with IPv6 disabled).
@@ -100,6 +118,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let redirect = match args.redirect_mode {
+        ModeArg::Nftables => RedirectMode::Nftables(RedirectConfig {
+            dns_capture: args.dns_capture,
+            ipv6: args.ipv6,
+        }),
+        ModeArg::Ebpf if args.dns_capture => {
+            anyhow::bail!(
+                "--dns-capture needs --redirect-mode nftables (eBPF mode steers TCP only)"
+            )
+        }
+        ModeArg::Ebpf => RedirectMode::Ebpf {
+            pin_root: args.bpf_pin_root.clone(),
+        },
+    };
+    tracing::info!(mode = ?redirect, "in-pod redirection");
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new();
     let view = Arc::new(RwLock::new(ClusterView::new(args.node_name.clone())));
@@ -107,10 +140,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let hub = ZdsHub::default();
     let enroller = Arc::new(Enroller::new(
         EnrollConfig {
-            redirect: RedirectConfig {
-                dns_capture: args.dns_capture,
-                ipv6: args.ipv6,
-            },
+            redirect,
             state_dir: args.state_dir.clone(),
             pod_wait: args.pod_wait,
         },

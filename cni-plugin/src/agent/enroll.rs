@@ -14,7 +14,8 @@ use tokio::sync::{Mutex, watch};
 use super::cluster::{ClusterView, PodFacts, PodKey};
 use super::metrics::Metrics;
 use super::netns::{self, PodNetns};
-use super::rules::{self, RedirectConfig, Verification};
+use super::redirect::RedirectMode;
+use super::rules::Verification;
 use super::zds::{Delivery, ZdsHub, ZdsPod};
 use crate::protocol::{Outcome, PluginCommand, PluginRequest, PluginResponse};
 
@@ -24,8 +25,8 @@ const STATE_FILE: &str = "pods.json";
 /// What the enroller needs to know.
 #[derive(Clone, Debug)]
 pub struct EnrollConfig {
-    /// Redirection options for every pod.
-    pub redirect: RedirectConfig,
+    /// How every pod is redirected.
+    pub redirect: RedirectMode,
     /// Where the pod records are persisted across agent restarts.
     pub state_dir: PathBuf,
     /// How long an ADD waits for the pod to appear in the config source.
@@ -72,6 +73,10 @@ pub struct Enroller {
     persist: watch::Sender<Arc<Vec<SavedRecord>>>,
     /// Per pod: the netns and its nftables generation when its rules were last found intact.
     verified: std::sync::Mutex<BTreeMap<PodKey, (Arc<PodNetns>, u32)>>,
+    /// Pods whose sandbox got a CNI DEL: reconcile must not find their netns by IP and enroll
+    /// them again while the runtime tears the sandbox down. Cleared by the pod's next ADD or
+    /// when the pod leaves the cluster view.
+    deleted: std::sync::Mutex<std::collections::BTreeSet<PodKey>>,
 }
 
 impl Enroller {
@@ -95,6 +100,7 @@ impl Enroller {
             records: Mutex::new(BTreeMap::new()),
             persist,
             verified: std::sync::Mutex::new(BTreeMap::new()),
+            deleted: std::sync::Mutex::new(Default::default()),
         }
     }
 
@@ -177,6 +183,7 @@ impl Enroller {
     }
 
     async fn cni_add(&self, key: &PodKey, req: &PluginRequest) -> Result<Outcome, String> {
+        self.deleted_pods().remove(key);
         let facts = self.wait_for_pod(key).await?;
         let ns = netns::open(Path::new(&req.netns))
             .map_err(|e| format!("opening pod netns {}: {e}", req.netns))?;
@@ -216,6 +223,7 @@ impl Enroller {
 
     async fn cni_del(&self, key: &PodKey, req: &PluginRequest) -> Result<Outcome, String> {
         let mut records = self.records.lock().await;
+        self.deleted_pods().insert(key.clone());
         let matches = records
             .get(key)
             .is_some_and(|r| req.container_id.is_empty() || r.container_id == req.container_id);
@@ -232,7 +240,11 @@ impl Enroller {
         let records = self.records.lock().await;
         match records.get(key) {
             Some(rec) if rec.enrolled => {
-                match rules::verify(&rec.netns.file, &self.cfg.redirect).await {
+                let verified = self
+                    .cfg
+                    .redirect
+                    .verify_since(&rec.netns.file, &rec.uid, None);
+                match verified.await.map(|(v, _)| v) {
                     Ok(Verification::Intact) => Ok(Outcome::Verified),
                     Ok(drift) => Err(format!("pod {key} redirection drifted: {drift:?}")),
                     Err(e) => Err(format!("verifying pod {key} redirection: {e}")),
@@ -262,6 +274,8 @@ impl Enroller {
             }
             view.pods().map(|(k, f)| (k.clone(), f)).collect()
         };
+        self.deleted_pods()
+            .retain(|k| wanted.iter().any(|(key, _)| key == k));
         let mut records = self.records.lock().await;
         for (key, facts) in wanted {
             match records.get_mut(&key) {
@@ -272,7 +286,7 @@ impl Enroller {
                 }
                 Some(rec) if !facts.captured && rec.enrolled => self.unenroll(&key, rec).await,
                 Some(_) => {}
-                None if facts.captured => {
+                None if facts.captured && !self.deleted_pods().contains(&key) => {
                     let ips = facts.ips.clone();
                     let found = tokio::task::spawn_blocking(move || netns::find_by_ip(&ips))
                         .await
@@ -308,12 +322,12 @@ impl Enroller {
     /// Re-checks every enrolled pod's redirection and re-applies what drifted. Verification runs
     /// without holding the records, so CNI requests are never queued behind a sweep.
     pub async fn repair(&self) {
-        let enrolled: Vec<(PodKey, Arc<PodNetns>)> = {
+        let enrolled: Vec<(PodKey, String, Arc<PodNetns>)> = {
             let records = self.records.lock().await;
             records
                 .iter()
                 .filter(|(_, r)| r.enrolled)
-                .map(|(k, r)| (k.clone(), r.netns.clone()))
+                .map(|(k, r)| (k.clone(), r.uid.clone(), r.netns.clone()))
                 .collect()
         };
         let known: BTreeMap<PodKey, u32> = {
@@ -322,13 +336,13 @@ impl Enroller {
             verified.retain(|k, (ns, _)| {
                 enrolled
                     .iter()
-                    .any(|(key, n)| key == k && Arc::ptr_eq(n, ns))
+                    .any(|(key, _, n)| key == k && Arc::ptr_eq(n, ns))
             });
             verified.iter().map(|(k, (_, g))| (k.clone(), *g)).collect()
         };
-        for (key, ns) in enrolled {
+        for (key, uid, ns) in enrolled {
             let since = known.get(&key).copied();
-            match rules::verify_since(&ns.file, &self.cfg.redirect, since).await {
+            match self.cfg.redirect.verify_since(&ns.file, &uid, since).await {
                 Ok((Verification::Intact, generation)) => {
                     if let Some(g) = generation {
                         self.verified
@@ -351,7 +365,7 @@ impl Enroller {
                         continue;
                     }
                     tracing::warn!(pod = %key, ?drift, "redirection drifted; repairing");
-                    match rules::apply(&ns.file, &self.cfg.redirect).await {
+                    match self.cfg.redirect.apply(&ns.file, &uid).await {
                         Ok(()) => self.metrics.repairs.inc(),
                         Err(e) => {
                             self.metrics
@@ -396,12 +410,20 @@ impl Enroller {
                     .map_err(|e| format!("duplicating netns fd: {e}"))?,
             ),
         };
-        // Both at once: ztunnel binding its listeners in the pod does not depend on the rules,
-        // and until the rules exist nothing is captured (so nothing can bypass).
-        let ((rules, rules_took), (handed, zds_took)) = tokio::join!(
-            timed(rules::apply(&rec.netns.file, &self.cfg.redirect)),
-            timed(self.hub.add(pod))
-        );
+        let redirect = timed(self.cfg.redirect.apply(&rec.netns.file, &rec.uid));
+        let ((rules, rules_took), (handed, zds_took)) = if self.cfg.redirect.before_handoff() {
+            let programmed = redirect.await;
+            if programmed.0.is_err() {
+                // Never handed over; the failure is reported below.
+                (programmed, (Ok(Delivery::Queued), Duration::ZERO))
+            } else {
+                (programmed, timed(self.hub.add(pod)).await)
+            }
+        } else {
+            // Both at once: ztunnel binding its listeners in the pod does not depend on the
+            // rules, and until the rules exist nothing is captured (so nothing can bypass).
+            tokio::join!(redirect, timed(self.hub.add(pod)))
+        };
         if let Err(e) = rules {
             // Without redirection ztunnel must not keep serving the pod as enrolled.
             let _ = self.hub.del(&rec.uid).await;
@@ -440,7 +462,7 @@ impl Enroller {
         if let Err(e) = self.hub.del(&rec.uid).await {
             tracing::warn!(pod = %key, error = %e, "ztunnel did not acknowledge removal");
         }
-        if let Err(e) = rules::remove(&rec.netns.file).await {
+        if let Err(e) = self.cfg.redirect.remove(&rec.netns.file, &rec.uid).await {
             tracing::warn!(pod = %key, error = %e, "removing redirection failed");
         }
         rec.enrolled = false;
@@ -464,6 +486,10 @@ impl Enroller {
                 ));
             }
         }
+    }
+
+    fn deleted_pods(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<PodKey>> {
+        self.deleted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn view_read(&self) -> std::sync::RwLockReadGuard<'_, ClusterView> {

@@ -172,10 +172,10 @@ fn route(family: AddressFamily, lo: u32) -> RouteMessage {
 }
 
 /// A NETLINK_ROUTE socket used for one request at a time.
-struct Netlink(Socket);
+pub(super) struct Netlink(Socket);
 
 impl Netlink {
-    fn open() -> io::Result<Self> {
+    pub(super) fn open() -> io::Result<Self> {
         let mut s = Socket::new(NETLINK_ROUTE)?;
         s.bind_auto()?;
         s.connect(&SocketAddr::new(0, 0))?;
@@ -183,7 +183,7 @@ impl Netlink {
     }
 
     /// Sends a dump request and collects every message of the reply.
-    fn dump(&self, msg: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+    pub(super) fn dump(&self, msg: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
         let mut m = NetlinkMessage::from(msg);
         m.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         m.header.sequence_number = 2;
@@ -221,9 +221,22 @@ impl Netlink {
         Err(invalid("netlink dump did not end".into()))
     }
 
+    /// Sends a delete and waits for the ack; deleting what is not there succeeds.
+    pub(super) fn request_absent_ok(&self, msg: RouteNetlinkMessage) -> io::Result<()> {
+        match self.request(msg, 0, false) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => Ok(()),
+            r => r,
+        }
+    }
+
     /// Sends one request and waits for the kernel's ack; `EEXIST` counts as success when
     /// `exists_ok` (an identical rule is already there).
-    fn request(&self, msg: RouteNetlinkMessage, flags: u16, exists_ok: bool) -> io::Result<()> {
+    pub(super) fn request(
+        &self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        exists_ok: bool,
+    ) -> io::Result<()> {
         let mut m = NetlinkMessage::from(msg);
         m.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
         m.header.sequence_number = 1;

@@ -140,6 +140,9 @@ pub enum RulesError {
         /// What was wrong.
         detail: String,
     },
+    /// Loading, pinning or removing the eBPF programs failed.
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::EbpfError),
     /// Entering or creating a network namespace failed.
     #[error("{what}: {source}")]
     Netns {
@@ -496,7 +499,7 @@ async fn ipv6_state(netns: &File) -> Result<V6State, RulesError> {
 
 /// Runs blocking `f` inside the pod's netns, on a thread that ends afterwards (so the agent's
 /// own threads never change namespace); `what` names the step in the error.
-async fn in_pod<T: Send + 'static>(
+pub(super) async fn in_pod<T: Send + 'static>(
     netns: &File,
     what: &'static str,
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
