@@ -124,6 +124,37 @@ async fn ebpf_mode_installs_idempotently_and_removes_everything() {
 }
 
 #[tokio::test]
+async fn ebpf_mode_refuses_a_pod_with_ipv6_rather_than_leave_it_unredirected() {
+    let pod = Pod::new(49);
+    let v6 = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &pod.name,
+        "sysctl",
+        "-n",
+        "net.ipv6.conf.eth0.disable_ipv6",
+    ]);
+    if v6.trim() != "0" {
+        return; // No IPv6 stack on this kernel: nothing to refuse.
+    }
+    sh(&[
+        "ip",
+        "-n",
+        &pod.name,
+        "addr",
+        "add",
+        "fd00:98:49::2/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let err = pod.mode.apply(&pod.file, &pod.name).await.unwrap_err();
+    assert!(err.to_string().contains("IPv4 only"), "{err}");
+    assert!(!pod.pins().is_installed(), "nothing half-installed");
+}
+
+#[tokio::test]
 async fn ebpf_mode_verification_notices_missing_routing_and_apply_repairs_it() {
     let pod = Pod::new(47);
     pod.mode.apply(&pod.file, &pod.name).await.unwrap();

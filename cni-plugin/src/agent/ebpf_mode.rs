@@ -5,8 +5,8 @@
 //! `pref 100 fwmark 0x539/0xfff lookup main`, `pref 101 to 169.254.7.127 lookup main`,
 //! `pref 102 iif lo ipproto tcp lookup 133` and `local default dev lo src <pod IP> table 133`.
 //!
-//! IPv4 only: IPv6 traffic is not redirected in this mode (as in nftables mode with IPv6
-//! off), and DNS capture needs nftables mode.
+//! IPv4 only: a pod with a routable IPv6 address is refused (its IPv6 traffic would bypass
+//! ztunnel), so dual-stack nodes need nftables mode; DNS capture needs nftables mode too.
 
 use std::fs::File;
 use std::io;
@@ -77,10 +77,22 @@ pub async fn verify(netns: &File, uid: &str, pin_root: &Path) -> Result<Verifica
     })
 }
 
-/// The pod's interface (the first non-loopback one with IPv4) and its IPv4 addresses.
+/// The pod's interface (the first non-loopback one with IPv4) and its IPv4 addresses; an
+/// error if any interface has an IPv6 address beyond loopback and link-local (fail closed).
 fn pod_interface() -> io::Result<(String, Vec<Ipv4Addr>)> {
     let mut found: Option<(String, Vec<Ipv4Addr>)> = None;
     for ifa in nix::ifaddrs::getifaddrs()? {
+        if let Some(v6) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in6()) {
+            let ip = v6.ip();
+            if !ip.is_loopback() && !ip.is_unicast_link_local() {
+                return Err(io::Error::other(format!(
+                    "eBPF redirection covers IPv4 only and {} has IPv6 address {ip}; \
+                     use --redirect-mode nftables for dual-stack pods",
+                    ifa.interface_name
+                )));
+            }
+            continue;
+        }
         let Some(v4) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) else {
             continue;
         };
