@@ -106,6 +106,11 @@ pub struct UpArgs {
     /// How long to wait for each component (and each pod) to become ready.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
+
+    /// How node agents redirect ambient pods into ztunnel: `nftables` (rules, as Istio) or
+    /// `ebpf` (sk_lookup and tc programs; IPv4 only, kernel 6.6+).
+    #[arg(long, value_enum, default_value = "nftables")]
+    pub redirect_mode: crate::state::RedirectMode,
 }
 
 /// Flags of `apply` and `delete`.

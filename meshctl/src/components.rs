@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::netns;
 use crate::network::{CONTROL_PLANE_NETNS, CONTROLLER_IP};
 use crate::processes::{self, ProcessRecord, Spawn};
-use crate::state::{NodeState, State, StateDir};
+use crate::state::{NodeState, RedirectMode, State, StateDir};
 
 /// Controller ports.
 pub const XDS_PORT: u16 = 15012;
@@ -123,6 +123,20 @@ pub fn check_binaries(bin_dir: &Path, cni_bin_dir: &Path) -> anyhow::Result<()> 
 }
 
 /// Environment common to the components.
+/// In eBPF mode, where `node`'s agent pins its pods' programs and its ztunnel finds them: a
+/// directory per node on the shared bpffs, so `sandbox down` can remove what is left.
+pub fn bpf_pin_root(state: &State, node: &NodeState) -> Option<PathBuf> {
+    (state.redirect_mode == RedirectMode::Ebpf).then(|| node_pin_root(&node.name))
+}
+
+/// The pin directory of node `name` in eBPF mode.
+pub fn node_pin_root(name: &str) -> PathBuf {
+    Path::new(ebpf::DEFAULT_PIN_ROOT).join(format!("{SANDBOX_PIN_PREFIX}{name}"))
+}
+
+/// Prefix of the sandbox's per-node pin directories under [`ebpf::DEFAULT_PIN_ROOT`].
+pub const SANDBOX_PIN_PREFIX: &str = "sandbox-";
+
 fn base_env(state: &State) -> Vec<(String, String)> {
     vec![
         (
@@ -212,7 +226,7 @@ pub fn start_controller(dir: &StateDir, state: &State) -> anyhow::Result<Started
 /// Starts the node agent of `node`.
 pub fn start_agent(dir: &StateDir, state: &State, node: &NodeState) -> anyhow::Result<Started> {
     let n = &node.name;
-    let args = vec![
+    let mut args = vec![
         "--node-name".into(),
         n.clone(),
         "--config-source".into(),
@@ -228,6 +242,14 @@ pub fn start_agent(dir: &StateDir, state: &State, node: &NodeState) -> anyhow::R
         "--monitoring-addr".into(),
         format!("0.0.0.0:{AGENT_MONITORING_PORT}"),
     ];
+    if let Some(root) = bpf_pin_root(state, node) {
+        args.extend([
+            "--redirect-mode".into(),
+            "ebpf".into(),
+            "--bpf-pin-root".into(),
+            s(root),
+        ]);
+    }
     start(
         &format!("agent-{n}"),
         dir,
@@ -270,6 +292,9 @@ pub fn start_ztunnel(dir: &StateDir, state: &State, node: &NodeState) -> anyhow:
         ]
         .map(|(k, v)| (k.to_string(), v)),
     );
+    if let Some(root) = bpf_pin_root(state, node) {
+        env.push(("BPF_PIN_ROOT".into(), s(root)));
+    }
     start(
         &format!("ztunnel-{n}"),
         dir,
@@ -340,6 +365,32 @@ pub fn ztunnel_config_dump(node: &NodeState) -> anyhow::Result<serde_json::Value
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ebpf_mode_gives_each_node_its_own_pin_root() {
+        let mut state = State::new("/b".into(), "/c".into(), "info".into());
+        let node = NodeState {
+            name: "node1".into(),
+            index: 1,
+            netns: "mesh-node1".into(),
+            ip: "10.0.0.1".parse().unwrap(),
+            pod_subnet: "10.1.1.0".parse().unwrap(),
+            agent: None,
+            ztunnel: None,
+            ztunnel_ports: ZtunnelPorts::default(),
+        };
+        assert_eq!(
+            bpf_pin_root(&state, &node),
+            None,
+            "nftables mode pins nothing"
+        );
+        state.redirect_mode = RedirectMode::Ebpf;
+        let root = bpf_pin_root(&state, &node).unwrap();
+        assert_eq!(
+            root,
+            Path::new(ebpf::DEFAULT_PIN_ROOT).join("sandbox-node1")
+        );
+    }
 
     #[test]
     fn upgrades_alternate_between_two_port_sets() {

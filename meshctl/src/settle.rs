@@ -27,9 +27,12 @@ pub fn should_capture(state: &State, pod: &PodState) -> bool {
     meshconfig::enrollment::pod_captured(Some(&ns), &p)
 }
 
-/// True if the pod's namespace has the ambient redirection table.
+/// True if the pod's redirection is installed: the ambient nft table in its netns, or (eBPF
+/// mode) its programs pinned by its node's agent.
 pub fn is_enrolled(pod: &PodState) -> bool {
     netns::has_nft_table(&pod.netns, AMBIENT_TABLE.0, AMBIENT_TABLE.1)
+        || ebpf::PodRedirection::new(crate::components::node_pin_root(&pod.node), &pod.uid)
+            .is_ok_and(|p| p.is_installed())
 }
 
 fn running(state: &State) -> impl Iterator<Item = &PodState> {

@@ -392,6 +392,20 @@ pub struct State {
     pub objects: BTreeMap<String, (ObjectId, String)>,
     /// Namespace labels (for enrollment checks).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// How the node agents redirect pods into ztunnel.
+    #[serde(default)]
+    pub redirect_mode: RedirectMode,
+}
+
+/// The node agents' `--redirect-mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectMode {
+    /// nftables REDIRECT/TPROXY rules in each pod, as Istio installs them.
+    #[default]
+    Nftables,
+    /// eBPF programs (sk_lookup, tc) in each pod: no netfilter on the pod's packets.
+    Ebpf,
 }
 
 impl State {
@@ -411,6 +425,7 @@ impl State {
             deployments: BTreeMap::new(),
             objects: BTreeMap::new(),
             namespaces: BTreeMap::new(),
+            redirect_mode: RedirectMode::default(),
         }
     }
 

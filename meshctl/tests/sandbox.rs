@@ -1,7 +1,7 @@
 //! End to end through `meshctl sandbox` with the real binaries: the quickstart on two nodes,
 //! mTLS identities, opt-out, L4 policy, PeerAuthentication, cross-node traffic, ztunnel restart
-//! and rolling upgrade under load, policy closing live connections, and a `down` that leaves
-//! nothing behind. Needs root. The sandbox's namespace names are fixed (`msb-*`), so everything
+//! and rolling upgrade under load, policy closing live connections, a `down` that leaves
+//! nothing behind, then the quickstart again with eBPF redirection. Needs root. The sandbox's namespace names are fixed (`msb-*`), so everything
 //! runs in one test, in order.
 
 mod lifecycle;
@@ -39,6 +39,17 @@ impl Sandbox {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `up --nodes 2` with the quickstart's namespaces, bookinfo and clients, plus `extra` flags.
+    fn up_quickstart(&self, extra: &[&str]) {
+        let files = ["namespaces.yaml", "bookinfo.yaml", "clients.yaml"].map(quickstart);
+        let mut args = vec!["up", "--nodes", "2"];
+        args.extend_from_slice(extra);
+        for f in &files {
+            args.extend(["-f", f.as_str()]);
+        }
+        self.ok(&args);
     }
 
     /// `mesh-testapp call` from a pod; returns the JSON summary (also for failed calls).
@@ -152,17 +163,7 @@ fn quickstart_mesh_end_to_end_through_the_sandbox() {
     let _ = sb.cmd(&["down"]);
     sb.up = true;
     crashed_up_is_cleaned_up_by_down(&sb);
-    sb.ok(&[
-        "up",
-        "--nodes",
-        "2",
-        "-f",
-        &quickstart("namespaces.yaml"),
-        "-f",
-        &quickstart("bookinfo.yaml"),
-        "-f",
-        &quickstart("clients.yaml"),
-    ]);
+    sb.up_quickstart(&[]);
 
     // Enrollment and identities.
     let sleep = sb.pod("bookinfo", "sleep");
@@ -401,6 +402,52 @@ fn quickstart_mesh_end_to_end_through_the_sandbox() {
     assert!(
         etc.iter().all(|n| !n.to_string_lossy().starts_with("msb-")),
         "/etc/netns entries left: {etc:?}"
+    );
+
+    ebpf_mode_sandbox(&mut sb);
+}
+
+/// The same quickstart with the node agents in eBPF redirection mode: pods enrolled without an
+/// nftables rule, sleep -> productpage over mTLS, and `down` removing every pin.
+fn ebpf_mode_sandbox(sb: &mut Sandbox) {
+    sb.up = true;
+    sb.up_quickstart(&["--redirect-mode", "ebpf"]);
+    let sleep = sb.pod("bookinfo", "sleep");
+    assert_eq!(sleep["ambient"], true, "{sleep}");
+    let netns = sleep["netns"].as_str().unwrap();
+    let nft = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "list", "ruleset"])
+        .output()
+        .unwrap();
+    assert!(nft.stdout.is_empty(), "no nftables rules in eBPF mode");
+    assert_eq!(sb.pod("bookinfo", "notsecure")["ambient"], false);
+    let pp = "http://productpage.bookinfo.svc.cluster.local:9080/";
+    assert!(
+        eventually(Duration::from_secs(20), || sb
+            .succeeds("bookinfo/sleep", pp)),
+        "sleep -> productpage in eBPF mode"
+    );
+    let mtls = sb.ztunnel_metric(
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("security_policy", "mutual_tls"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/bookinfo/sa/sleep",
+            ),
+        ],
+    );
+    assert!(mtls > 0.0, "sleep's connections went over mTLS");
+    sb.ok(&["down"]);
+    sb.up = false;
+    let pins: Vec<_> = std::fs::read_dir(ebpf::DEFAULT_PIN_ROOT)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        pins.iter()
+            .all(|n| !n.to_string_lossy().starts_with("sandbox-")),
+        "eBPF pins left: {pins:?}"
     );
 }
 

@@ -27,6 +27,23 @@ const OWNED_ENTRIES: &[&str] = &[
     "lock",
 ];
 
+/// Removes eBPF pins the node agents left (eBPF mode; the agents are gone, so nobody else
+/// would). Their programs detach as the pins go.
+fn remove_bpf_pins() {
+    let Ok(entries) = std::fs::read_dir(ebpf::DEFAULT_PIN_ROOT) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let ours = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(crate::components::SANDBOX_PIN_PREFIX);
+        if ours {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Runs `down`.
 pub fn run(dir: &StateDir, args: DownArgs) -> anyhow::Result<()> {
     require_root()?;
@@ -84,6 +101,7 @@ pub fn run(dir: &StateDir, args: DownArgs) -> anyhow::Result<()> {
     }
     // Only succeeds if empty, i.e. nothing but the sandbox used it.
     let _ = std::fs::remove_dir("/etc/netns");
+    remove_bpf_pins();
     remove_files(dir, args.keep_logs);
     let left = netns::ours();
     println!(

@@ -40,6 +40,7 @@ pub fn run(dir: &StateDir, args: UpArgs) -> anyhow::Result<()> {
         );
     }
     let mut state = State::new(bin_dir, args.cni_bin_dir.clone(), args.log_level.clone());
+    state.redirect_mode = args.redirect_mode;
     match start(dir, &mut state, &args) {
         Ok(()) => {}
         Err(e) => {
