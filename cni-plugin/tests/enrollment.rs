@@ -394,10 +394,25 @@ fn in_ebpf_mode_ambient_pods_talk_over_hbone_without_netfilter_and_del_unpins_th
     }
 
     assert_talk_over_hbone(&node, &client, client_ip, &server, server_ip);
-
     node.cni
         .check(&client)
         .unwrap_or_else(|e| panic!("CHECK: {e:?}"));
+
+    // Without ztunnel the programs drop the pod's connections, and the agent reports it.
+    node.stop_ztunnel();
+    assert!(
+        echo(&client.netns, app(server_ip)).is_err(),
+        "no bypass without ztunnel"
+    );
+    let outbound = [("direction", "outbound")];
+    assert!(
+        eventually(Duration::from_secs(5), || node
+            .agent_metric("mesh_cni_ebpf_dropped_connections", &outbound)
+            >= 1.0),
+        "drops counted\n{}",
+        node.logs()
+    );
+
     node.cni
         .del(&client)
         .unwrap_or_else(|e| panic!("DEL: {e:?}"));

@@ -340,6 +340,19 @@ impl Enroller {
             });
             verified.iter().map(|(k, (_, g))| (k.clone(), *g)).collect()
         };
+        let mut dropped = ebpf::Dropped::default();
+        for (_, uid, _) in &enrolled {
+            if let Some(d) = self.cfg.redirect.dropped(uid) {
+                dropped.outbound += d.outbound;
+                dropped.inbound += d.inbound;
+            }
+        }
+        if matches!(self.cfg.redirect, RedirectMode::Ebpf { .. }) {
+            for (direction, n) in [("outbound", dropped.outbound), ("inbound", dropped.inbound)] {
+                let gauge = self.metrics.ebpf_dropped.with_label_values(&[direction]);
+                gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
         for (key, uid, ns) in enrolled {
             let since = known.get(&key).copied();
             match self.cfg.redirect.verify_since(&ns.file, &uid, since).await {

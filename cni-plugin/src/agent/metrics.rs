@@ -1,6 +1,8 @@
 //! Agent metrics (Prometheus text format on the monitoring port).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Every metric the agent exports.
 #[derive(Clone)]
@@ -21,6 +23,9 @@ pub struct Metrics {
     pub ztunnel_connections: IntGauge,
     /// Config source errors (malformed documents, watch failures).
     pub config_errors: IntCounter,
+    /// eBPF mode: connections dropped for want of a registered ztunnel listener, by direction,
+    /// summed over enrolled pods at the last check.
+    pub ebpf_dropped: IntGaugeVec,
 }
 
 impl Metrics {
@@ -73,8 +78,18 @@ impl Metrics {
             "Config source errors (malformed documents, watch failures)",
         )
         .expect("valid metric");
+        let ebpf_dropped = IntGaugeVec::new(
+            Opts::new(
+                "mesh_cni_ebpf_dropped_connections",
+                "eBPF mode: connections dropped because no ztunnel listener was registered in \
+                 the pod, by direction, summed over enrolled pods at the last check",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(enrolled_pods.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ebpf_dropped.clone()),
             Box::new(enrollment_seconds.clone()),
             Box::new(enrollment_failures.clone()),
             Box::new(repairs.clone()),
@@ -93,6 +108,7 @@ impl Metrics {
             plugin_requests,
             ztunnel_connections,
             config_errors,
+            ebpf_dropped,
         }
     }
 }

@@ -51,6 +51,17 @@ impl RedirectMode {
         }
     }
 
+    /// eBPF mode: the connections the pod's programs dropped for want of a ztunnel listener
+    /// (`None` in nftables mode, or when nothing is pinned for the pod).
+    pub fn dropped(&self, uid: &str) -> Option<ebpf::Dropped> {
+        match self {
+            Self::Nftables(_) => None,
+            Self::Ebpf { pin_root } => ebpf::PodRedirection::new(pin_root, uid)
+                .and_then(|p| p.dropped())
+                .ok(),
+        }
+    }
+
     /// Whether the pod must be programmed before ztunnel gets it. nftables rules capture
     /// nothing until they exist, so both can happen at once; in eBPF mode ztunnel registers
     /// its listeners in the pod's pins when it gets the pod, so the pins must exist first.

@@ -46,6 +46,8 @@ pub struct RunInfo {
     pub round_trips: usize,
     /// Direct/mesh rounds whose medians are reported.
     pub rounds: usize,
+    /// How the mesh path's pods are redirected (`nftables` or `ebpf`).
+    pub redirect: &'static str,
     /// Which of throughput, latency and connection rate ran (`--only` skips the others; the
     /// HTTP row carries its own reason).
     pub ran: Ran,
@@ -155,8 +157,9 @@ pub fn print_table(args: &RunInfo, d: &PathResult, m: &PathResult, u: &Usage) {
     let added = m.latency.p50_us - d.latency.p50_us;
     let conn = ratio(m.conns.per_sec(), d.conns.per_sec());
     println!(
-        "ztunnel data-path benchmark: {} s per timed test, {} round trips, {} CPUs, \
-         machine {:.0}% busy before the run{}",
+        "ztunnel data-path benchmark ({} redirection): {} s per timed test, {} round trips, \
+         {} CPUs, machine {:.0}% busy before the run{}",
+        args.redirect,
         args.duration,
         args.round_trips,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -316,6 +319,7 @@ pub fn print_json(args: &RunInfo, d: &PathResult, m: &PathResult, u: &Usage) {
         "duration_secs": args.duration,
         "rounds": args.rounds,
         "round_trips": args.round_trips,
+        "redirect": args.redirect,
         "machine_busy_percent_before": u.busy_before,
         "direct": path_json(d),
         "mesh": path_json(m),

@@ -52,9 +52,10 @@ struct Args {
     /// show zeros. For quick iteration and profiling one workload at a time.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// How the mesh path's pods are redirected into ztunnel: the node agent's nftables rules
-    /// (REDIRECT/TPROXY, conntrack) or its eBPF programs (sk_lookup/tc, no netfilter).
-    #[arg(long, value_enum, default_value = "nftables")]
+    /// How the mesh path's pods are redirected into ztunnel: the node agent's eBPF programs
+    /// (sk_lookup/tc, no netfilter; its fastest mode) or its nftables rules (REDIRECT/TPROXY,
+    /// conntrack; its default, as Istio).
+    #[arg(long, value_enum, default_value = "ebpf")]
     redirect: Redirect,
 }
 
@@ -65,6 +66,15 @@ enum Redirect {
     Nftables,
     /// eBPF sk_lookup (outbound) and tc sk_assign (inbound).
     Ebpf,
+}
+
+impl Redirect {
+    fn name(self) -> &'static str {
+        match self {
+            Redirect::Nftables => "nftables",
+            Redirect::Ebpf => "ebpf",
+        }
+    }
 }
 
 impl Args {
@@ -404,6 +414,7 @@ fn main() -> ExitCode {
                 duration: args.duration,
                 round_trips: args.round_trips,
                 rounds: args.rounds.max(1),
+                redirect: args.redirect.name(),
                 ran: report::Ran {
                     throughput: args.runs("throughput"),
                     latency: args.runs("latency"),
