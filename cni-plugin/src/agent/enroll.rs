@@ -340,19 +340,7 @@ impl Enroller {
             });
             verified.iter().map(|(k, (_, g))| (k.clone(), *g)).collect()
         };
-        let mut dropped = ebpf::Dropped::default();
-        for (_, uid, _) in &enrolled {
-            if let Some(d) = self.cfg.redirect.dropped(uid) {
-                dropped.outbound += d.outbound;
-                dropped.inbound += d.inbound;
-            }
-        }
-        if matches!(self.cfg.redirect, RedirectMode::Ebpf { .. }) {
-            for (direction, n) in [("outbound", dropped.outbound), ("inbound", dropped.inbound)] {
-                let gauge = self.metrics.ebpf_dropped.with_label_values(&[direction]);
-                gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
-            }
-        }
+        self.report_ebpf_drops(enrolled.iter().map(|(_, uid, _)| uid.as_str()));
         for (key, uid, ns) in enrolled {
             let since = known.get(&key).copied();
             match self.cfg.redirect.verify_since(&ns.file, &uid, since).await {
@@ -498,6 +486,22 @@ impl Enroller {
                     self.cfg.pod_wait
                 ));
             }
+        }
+    }
+
+    /// eBPF mode: sets `mesh_cni_ebpf_dropped_connections` to the drops of the pods `uids`.
+    fn report_ebpf_drops<'a>(&self, uids: impl Iterator<Item = &'a str>) {
+        if !matches!(self.cfg.redirect, RedirectMode::Ebpf { .. }) {
+            return;
+        }
+        let mut total = ebpf::Dropped::default();
+        for d in uids.filter_map(|uid| self.cfg.redirect.dropped(uid)) {
+            total.outbound += d.outbound;
+            total.inbound += d.inbound;
+        }
+        for (direction, n) in [("outbound", total.outbound), ("inbound", total.inbound)] {
+            let gauge = self.metrics.ebpf_dropped.with_label_values(&[direction]);
+            gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
