@@ -3,7 +3,8 @@
 # node agents, ztunnels; pods as network namespaces wired by the real CNI bridge plugin and our
 # chained plugin), applies the Bookinfo-shaped quickstart, shows mTLS identities and an
 # AuthorizationPolicy decision, and leaves the sandbox running for you to explore.
-# Needs root. Installs the Debian packages it needs.
+# Needs root. Installs the Debian packages it needs. Extra arguments go to `sandbox up`, e.g.
+# `bash scripts/demo.sh --redirect-mode ebpf` (pods redirected by eBPF programs, no nftables).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then echo "run as root (it creates network namespaces)" >&2; exit 1; fi
@@ -25,7 +26,7 @@ pp=http://productpage.bookinfo.svc.cluster.local:9080/
 
 echo "==> starting a 2-node sandbox with the quickstart"
 $M sandbox down >/dev/null 2>&1 || true
-$M sandbox up --nodes 2 -f $q/namespaces.yaml -f $q/bookinfo.yaml -f $q/clients.yaml
+$M sandbox up --nodes 2 -f $q/namespaces.yaml -f $q/bookinfo.yaml -f $q/clients.yaml "$@"
 
 echo; echo "==> pods (ambient = redirected into ztunnel; identity = SPIFFE ID in its certificate)"
 $M sandbox get pods
