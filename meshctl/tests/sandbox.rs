@@ -408,7 +408,8 @@ fn quickstart_mesh_end_to_end_through_the_sandbox() {
 }
 
 /// The same quickstart with the node agents in eBPF redirection mode: pods enrolled without an
-/// nftables rule, sleep -> productpage over mTLS, and `down` removing every pin.
+/// nftables rule, sleep -> productpage over mTLS, still after a ztunnel upgrade, and `down`
+/// removing every pin.
 fn ebpf_mode_sandbox(sb: &mut Sandbox) {
     sb.up = true;
     sb.up_quickstart(&["--redirect-mode", "ebpf"]);
@@ -439,6 +440,14 @@ fn ebpf_mode_sandbox(sb: &mut Sandbox) {
         ],
     );
     assert!(mtls > 0.0, "sleep's connections went over mTLS");
+    // A rolling ztunnel upgrade: the new ztunnel registers its listeners in the pods' maps and
+    // takes over new connections.
+    sb.ok(&["upgrade", "ztunnel"]);
+    assert!(
+        eventually(Duration::from_secs(20), || sb
+            .succeeds("bookinfo/sleep", pp)),
+        "sleep -> productpage after a ztunnel upgrade in eBPF mode"
+    );
     sb.ok(&["down"]);
     sb.up = false;
     let pins: Vec<_> = std::fs::read_dir(ebpf::DEFAULT_PIN_ROOT)
