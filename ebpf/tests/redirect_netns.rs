@@ -301,3 +301,42 @@ fn pod_keys_must_be_plain_names() {
     }
     assert!(PodRedirection::new(DEFAULT_PIN_ROOT, "0f3c-uid_1.x").is_ok());
 }
+
+#[test]
+fn kubelet_probes_reach_the_app_directly() {
+    let pod = Pod::new("ebpf-probe", 236);
+    let (_outbound, inbound) = pod.proxy();
+    let app = Pod::listen(&pod.pod_ns, SocketAddr::from(([0, 0, 0, 0], 8086)), false);
+    // The node's probe source (kubelet traffic is SNATed to it) lives on the peer side.
+    ip(&[
+        "-n",
+        &pod.peer_ns,
+        "addr",
+        "add",
+        "169.254.7.127/32",
+        "dev",
+        "eth0",
+    ]);
+    ip(&[
+        "-n",
+        &pod.pod_ns,
+        "route",
+        "add",
+        "169.254.7.127/32",
+        "dev",
+        "eth0",
+    ]);
+    let probe = Pod::run_in(&pod.peer_ns, || {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([169, 254, 7, 127], 0)).into())
+            .unwrap();
+        s.connect_timeout(&SocketAddr::from((pod.pod_ip, 8086)).into(), TIMEOUT)
+    });
+    probe.expect("the probe connects");
+    let (_, from) = accept(&app).expect("the app itself accepts the probe");
+    assert_eq!(
+        from.ip(),
+        std::net::IpAddr::V4(Ipv4Addr::new(169, 254, 7, 127))
+    );
+    assert!(accept_within(&inbound, Duration::from_millis(200)).is_none());
+}
