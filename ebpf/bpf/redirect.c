@@ -60,6 +60,25 @@ static __always_inline void count_drop(__u32 slot)
 		*n += 1;
 }
 
+// Assigns the connection to the listener in `slot`; nonzero (and counted) when there is none
+// or the kernel refuses it. `ctx` is the sk_lookup context or the skb: bpf_sk_assign takes
+// either, and inlining keeps the verifier aware of which.
+static __always_inline int steer(void *ctx, __u32 slot)
+{
+	struct bpf_sock *sk = bpf_map_lookup_elem(&listeners, &slot);
+	if (!sk) {
+		count_drop(slot);
+		return -1;
+	}
+	long err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		count_drop(slot);
+		return -1;
+	}
+	return 0;
+}
+
 SEC("sk_lookup")
 int outbound(struct bpf_sk_lookup *ctx)
 {
@@ -75,18 +94,8 @@ int outbound(struct bpf_sk_lookup *ctx)
 	// Addressed to the pod itself: inbound (already steered by tc) or pod-local.
 	if (bpf_map_lookup_elem(&pod_ips, &dst))
 		return SK_PASS;
-	__u32 slot = SLOT_OUTBOUND;
-	struct bpf_sock *sk = bpf_map_lookup_elem(&listeners, &slot);
-	if (!sk) {
-		count_drop(slot);
+	if (steer(ctx, SLOT_OUTBOUND))
 		return SK_DROP;
-	}
-	long err = bpf_sk_assign(ctx, sk, 0);
-	bpf_sk_release(sk);
-	if (err) {
-		count_drop(slot);
-		return SK_DROP;
-	}
 	return SK_PASS;
 }
 
@@ -112,18 +121,8 @@ int inbound(struct __sk_buff *skb)
 	__u32 daddr = ip->daddr;
 	if (!bpf_map_lookup_elem(&pod_ips, &daddr))
 		return TC_ACT_OK;
-	__u32 slot = SLOT_INBOUND;
-	struct bpf_sock *sk = bpf_map_lookup_elem(&listeners, &slot);
-	if (!sk) {
-		count_drop(slot);
+	if (steer(skb, SLOT_INBOUND))
 		return TC_ACT_SHOT;
-	}
-	long err = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	if (err) {
-		count_drop(slot);
-		return TC_ACT_SHOT;
-	}
 	return TC_ACT_OK;
 }
 

@@ -15,7 +15,7 @@ use super::cluster::{ClusterView, PodFacts, PodKey};
 use super::metrics::Metrics;
 use super::netns::{self, PodNetns};
 use super::redirect::RedirectMode;
-use super::rules::Verification;
+use super::rules::{RulesError, Verification};
 use super::zds::{Delivery, ZdsHub, ZdsPod};
 use crate::protocol::{Outcome, PluginCommand, PluginRequest, PluginResponse};
 
@@ -413,26 +413,18 @@ impl Enroller {
         };
         let redirect = timed(self.cfg.redirect.apply(&rec.netns.file, &rec.uid));
         let ((rules, rules_took), (handed, zds_took)) = if self.cfg.redirect.before_handoff() {
-            let programmed = redirect.await;
-            if programmed.0.is_err() {
-                // Never handed over; the failure is reported below.
-                (programmed, (Ok(Delivery::Queued), Duration::ZERO))
-            } else {
-                (programmed, timed(self.hub.add(pod)).await)
+            let (rules, took) = redirect.await;
+            if let Err(e) = rules {
+                return Err(self.redirection_failed(key, &rec.uid, e).await);
             }
+            ((Ok(()), took), timed(self.hub.add(pod)).await)
         } else {
             // Both at once: ztunnel binding its listeners in the pod does not depend on the
             // rules, and until the rules exist nothing is captured (so nothing can bypass).
             tokio::join!(redirect, timed(self.hub.add(pod)))
         };
         if let Err(e) = rules {
-            // Without redirection ztunnel must not keep serving the pod as enrolled.
-            let _ = self.hub.del(&rec.uid).await;
-            self.metrics
-                .enrollment_failures
-                .with_label_values(&["rules"])
-                .inc();
-            return Err(format!("installing redirection for pod {key}: {e}"));
+            return Err(self.redirection_failed(key, &rec.uid, e).await);
         }
         match handed {
             Ok(delivery) => {
@@ -457,6 +449,16 @@ impl Enroller {
                 Err(format!("handing pod {key} to ztunnel: {e}"))
             }
         }
+    }
+
+    /// Reports a failed redirection install; ztunnel must not keep serving the pod as enrolled.
+    async fn redirection_failed(&self, key: &PodKey, uid: &str, e: RulesError) -> String {
+        let _ = self.hub.del(uid).await;
+        self.metrics
+            .enrollment_failures
+            .with_label_values(&["rules"])
+            .inc();
+        format!("installing redirection for pod {key}: {e}")
     }
 
     async fn unenroll(&self, key: &PodKey, rec: &mut Record) {
