@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::netns::Netns;
 use crate::proxy::{Proxy, ProxyConfig, Shared, WorkloadInfo};
 use crate::readiness::Readiness;
+use crate::shards::Shards;
 use crate::state::{ProxyState, StateStore};
 use crate::xdshandler::StateHandler;
 
@@ -84,7 +85,12 @@ pub async fn run(mut args: Args, logs: LogControl) -> anyhow::Result<()> {
     let certs = CertStore::new(provider, RotationConfig::default());
     spawn_rotation_metrics(&certs, metrics.clone(), shutdown.clone());
 
+    let shards = Shards::start(args.worker_threads, args.worker_affinity)
+        .context("starting data-path workers")?;
+    let pinned: Vec<_> = shards.iter().filter_map(|s| s.cpu).collect();
+    tracing::info!(workers = shards.len(), ?pinned, "data-path workers started");
     let shared = Shared {
+        shards,
         state: state.clone(),
         certs: certs.clone(),
         metrics: metrics.clone(),

@@ -160,9 +160,22 @@ pub struct Args {
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
 
-    /// Worker threads for the proxy runtime.
+    /// Data-path worker threads. Each runs its own single-threaded runtime with its own
+    /// listeners (SO_REUSEPORT) and HBONE pool; a connection stays on the worker that accepted it.
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
+
+    /// Pinning of data-path workers to CPUs. `auto` pins worker i to the i-th allowed CPU when
+    /// there is exactly one worker per CPU, and sets SO_INCOMING_CPU on its listeners so the
+    /// kernel hands each new connection to the worker on the client's CPU (fewer cross-CPU
+    /// wake-ups); `off` never pins and lets the reuseport hash spread connections.
+    #[arg(
+        long,
+        env = "ZTUNNEL_WORKER_AFFINITY",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub worker_affinity: crate::shards::Affinity,
 }
 
 /// Accepts any path, including an empty one (Istio scripts set `LOCAL_XDS_PATH=""` to unset it).

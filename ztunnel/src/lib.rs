@@ -12,6 +12,7 @@ pub mod netns;
 pub mod proxy;
 pub mod rbac;
 pub mod readiness;
+pub mod shards;
 pub mod socket;
 pub mod state;
 pub mod xdshandler;

@@ -15,9 +15,9 @@ fn main() -> anyhow::Result<()> {
     tune_malloc();
     let args = Args::parse();
     let (logs, _flush_on_exit) = init_logging(&args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.worker_threads.max(1))
-        .thread_name("ztunnel-worker")
+    // Control plane (xDS, CA, ZDS, admin) on this thread; the data path runs on its own
+    // workers (`ztunnel::shards`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(app::run(args, logs))

@@ -41,10 +41,14 @@ pub struct ListenOptions {
     pub transparent: bool,
     /// Mark the socket so redirection rules skip it.
     pub mark: bool,
+    /// SO_INCOMING_CPU: within the reuseport group, prefer connections whose SYN this CPU
+    /// processed.
+    pub incoming_cpu: Option<usize>,
 }
 
 /// Binds a listener inside `netns` with SO_REUSEPORT (a new ztunnel can bind the same port
-/// before the old one stops).
+/// before the old one stops, and each data-path worker has its own), registered with the
+/// runtime the caller is in.
 pub fn listen(netns: &Netns, addr: SocketAddr, opts: ListenOptions) -> io::Result<TcpListener> {
     let std_listener = netns.run(|| {
         let s = new_socket(&addr)?;
@@ -58,6 +62,9 @@ pub fn listen(netns: &Netns, addr: SocketAddr, opts: ListenOptions) -> io::Resul
         }
         if addr.is_ipv6() {
             s.set_only_v6(true)?;
+        }
+        if let Some(cpu) = opts.incoming_cpu {
+            s.set_cpu_affinity(cpu)?;
         }
         s.bind(&addr.into())?;
         s.listen(BACKLOG)?;

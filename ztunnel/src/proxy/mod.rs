@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::netns::Netns;
+use crate::shards::{self, Shard, Shards};
 use crate::socket::{self, ListenOptions};
 use crate::state::{StateStore, Workload};
 
@@ -70,6 +71,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Settings.
     pub config: Arc<ProxyConfig>,
+    /// Data-path workers: each serves its own listeners and connections.
+    pub shards: Shards,
 }
 
 /// The workload a proxy serves, as the node agent (ZDS) or `PROXY_WORKLOAD_INFO` names it.
@@ -107,8 +110,9 @@ pub struct ProxyInputs {
     pub info: WorkloadInfo,
     /// Where its sockets live.
     pub netns: Netns,
-    /// HBONE connections opened on behalf of this workload.
-    pub pool: Pool,
+    /// HBONE connections opened on behalf of this workload, one pool per data-path worker so
+    /// a connection's HBONE stream is driven on the worker that serves it.
+    pools: Vec<Pool>,
     /// Inbound connections subject to policy re-checks.
     pub conns: conntrack::ConnectionTracker,
     /// Cancelled when the drain deadline passes: every remaining connection is cut.
@@ -173,6 +177,12 @@ impl ProxyInputs {
         Ok(cfg)
     }
 
+    /// The HBONE pool of the calling data-path worker.
+    pub fn pool(&self) -> &Pool {
+        let i = shards::current().unwrap_or(0);
+        &self.pools[i % self.pools.len()]
+    }
+
     /// The served workload's entry in the state, found by name and namespace.
     pub fn local_workload(&self) -> Option<Arc<Workload>> {
         self.shared
@@ -200,23 +210,38 @@ impl Connector for NetnsConnector {
 /// A proxy whose listeners are bound and which is ready to run.
 pub struct Proxy {
     inputs: Arc<ProxyInputs>,
-    outbound: Vec<TcpListener>,
-    inbound_plaintext: Vec<TcpListener>,
-    hbone: Vec<TcpListener>,
+    outbound: Vec<(Shard, TcpListener)>,
+    inbound_plaintext: Vec<(Shard, TcpListener)>,
+    hbone: Vec<(Shard, TcpListener)>,
 }
 
-/// Binds `port` on 0.0.0.0 (required) and on [::] (when the netns has IPv6).
-fn bind_dual(netns: &Netns, port: u16, opts: ListenOptions) -> std::io::Result<Vec<TcpListener>> {
-    let mut listeners = vec![socket::listen(
-        netns,
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-        opts,
-    )?];
-    match socket::listen(netns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), opts) {
-        Ok(l) => listeners.push(l),
-        Err(e) => tracing::debug!(port, error = %e, "no IPv6 listener"),
+/// Binds `port` on 0.0.0.0 (required) and on [::] (when the netns has IPv6) for every
+/// data-path worker, each listener registered with its worker's runtime. IPv4 listeners come
+/// first, in worker order.
+fn bind_dual(
+    netns: &Netns,
+    shards: &Shards,
+    port: u16,
+    opts: ListenOptions,
+) -> std::io::Result<Vec<(Shard, TcpListener)>> {
+    let mut v4 = Vec::with_capacity(shards.len());
+    let mut v6 = Vec::new();
+    for shard in shards.iter() {
+        let _in_worker = shard.handle.enter();
+        let opts = ListenOptions {
+            incoming_cpu: shard.cpu,
+            ..opts
+        };
+        let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        v4.push((shard.clone(), socket::listen(netns, any4, opts)?));
+        let any6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        match socket::listen(netns, any6, opts) {
+            Ok(l) => v6.push((shard.clone(), l)),
+            Err(e) => tracing::debug!(port, error = %e, "no IPv6 listener"),
+        }
     }
-    Ok(listeners)
+    v4.extend(v6);
+    Ok(v4)
 }
 
 /// Stops a running proxy.
@@ -233,16 +258,18 @@ impl Proxy {
         let opts = ListenOptions {
             transparent: true,
             mark: true,
+            incoming_cpu: None,
         };
-        let outbound = bind_dual(&netns, OUTBOUND_PORT, opts)?;
-        let inbound_plaintext = bind_dual(&netns, INBOUND_PLAINTEXT_PORT, opts)?;
-        let hbone = bind_dual(&netns, HBONE_PORT, opts)?;
-        let pool = Pool::new(
-            shared.config.pool.clone(),
-            Arc::new(NetnsConnector {
-                netns: netns.clone(),
-            }),
-        );
+        let shards = &shared.shards;
+        let outbound = bind_dual(&netns, shards, OUTBOUND_PORT, opts)?;
+        let inbound_plaintext = bind_dual(&netns, shards, INBOUND_PLAINTEXT_PORT, opts)?;
+        let hbone = bind_dual(&netns, shards, HBONE_PORT, opts)?;
+        let connector = Arc::new(NetnsConnector {
+            netns: netns.clone(),
+        });
+        let pools = (0..shards.len())
+            .map(|_| Pool::new(shared.config.pool.clone(), connector.clone()))
+            .collect();
         let conns = conntrack::ConnectionTracker::default();
         let own_identity = Identity::new(
             shared.config.trust_domain.clone(),
@@ -253,7 +280,7 @@ impl Proxy {
             shared,
             info,
             netns,
-            pool,
+            pools,
             conns,
             force_close: CancellationToken::new(),
             server_tls: std::sync::Mutex::new(None),
@@ -270,12 +297,14 @@ impl Proxy {
     }
 
     /// Registers the IPv4 15001 and 15006 listeners with the pod's eBPF redirection, which
-    /// then steers the pod's new connections to them (the newest registration wins).
+    /// then steers the pod's new connections to them (the newest registration wins). One
+    /// member of each reuseport group is enough: the kernel picks the worker's listener within
+    /// the group.
     pub fn register_redirection(&self, pins: &ebpf::PodRedirection) -> Result<(), ebpf::EbpfError> {
-        if let Some(l) = self.outbound.first() {
+        if let Some((_, l)) = self.outbound.first() {
             pins.register(ebpf::Listener::Outbound, l)?;
         }
-        if let Some(l) = self.inbound_plaintext.first() {
+        if let Some((_, l)) = self.inbound_plaintext.first() {
             pins.register(ebpf::Listener::Inbound, l)?;
         }
         Ok(())
@@ -288,29 +317,18 @@ impl Proxy {
         tracing::info!(workload = ?inputs.info, "proxy started");
         let mut tasks = JoinSet::new();
         let connections = tokio_util::task::TaskTracker::new();
-        for l in self.outbound {
-            tasks.spawn(outbound::serve(
-                inputs.clone(),
-                l,
-                drain.clone(),
-                connections.clone(),
-            ));
+        for (shard, l) in self.outbound {
+            let serve = outbound::serve(inputs.clone(), l, drain.clone(), connections.clone());
+            tasks.spawn_on(serve, &shard.handle);
         }
-        for l in self.inbound_plaintext {
-            tasks.spawn(inbound_plaintext::serve(
-                inputs.clone(),
-                l,
-                drain.clone(),
-                connections.clone(),
-            ));
+        for (shard, l) in self.inbound_plaintext {
+            let serve =
+                inbound_plaintext::serve(inputs.clone(), l, drain.clone(), connections.clone());
+            tasks.spawn_on(serve, &shard.handle);
         }
-        for l in self.hbone {
-            tasks.spawn(inbound::serve(
-                inputs.clone(),
-                l,
-                drain.clone(),
-                connections.clone(),
-            ));
+        for (shard, l) in self.hbone {
+            let serve = inbound::serve(inputs.clone(), l, drain.clone(), connections.clone());
+            tasks.spawn_on(serve, &shard.handle);
         }
         tasks.spawn(conntrack::recheck_on_policy_change(
             inputs.clone(),

@@ -360,7 +360,7 @@ async fn tunnel(
     // The tunnel is up once the peer answers 200, but the client's first bytes go out right
     // behind the CONNECT instead of waiting for that (hbone::early).
     let deadline = tokio::time::Instant::now() + inputs.shared.config.connect_timeout;
-    let open = inputs.pool.open(key, tls, request);
+    let open = inputs.pool().open(key, tls, request);
     let opening = tokio::time::timeout_at(deadline, open)
         .await
         .map_err(|_| fail(format!("HBONE connect to {hbone_addr} timed out")))?
