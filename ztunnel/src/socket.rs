@@ -142,3 +142,71 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
         IpAddr::V4(_) => addr,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The data-path workers rely on this: within a reuseport group, the kernel hands a new
+    /// connection to the listener whose SO_INCOMING_CPU is the CPU that sent the SYN.
+    #[tokio::test]
+    async fn reuseport_listener_with_the_senders_cpu_gets_the_connection() {
+        let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+        let allowed: Vec<usize> = (0..nix::sched::CpuSet::count())
+            .filter(|&c| cpus.is_set(c).unwrap_or(false))
+            .take(2)
+            .collect();
+        if allowed.len() < 2 {
+            eprintln!("skipped: needs two CPUs");
+            return;
+        }
+        let netns = Netns::current();
+        let first = listen(
+            &netns,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            ListenOptions {
+                transparent: false,
+                mark: false,
+                incoming_cpu: Some(allowed[0]),
+            },
+        )
+        .unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = listen(
+            &netns,
+            addr,
+            ListenOptions {
+                transparent: false,
+                mark: false,
+                incoming_cpu: Some(allowed[1]),
+            },
+        )
+        .unwrap();
+        for round in 0..8 {
+            let which = round % 2;
+            let cpu = allowed[which];
+            // Connect from a thread pinned to `cpu`: loopback processes the SYN there.
+            let client = std::thread::spawn(move || {
+                let mut set = nix::sched::CpuSet::new();
+                set.set(cpu).unwrap();
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+                std::net::TcpStream::connect(addr).unwrap()
+            })
+            .join()
+            .unwrap();
+            let (accepted, peer) = tokio::time::timeout(Duration::from_secs(2), async {
+                tokio::select! {
+                    a = first.accept() => (0, a.unwrap().1),
+                    a = second.accept() => (1, a.unwrap().1),
+                }
+            })
+            .await
+            .unwrap();
+            assert_eq!(peer, client.local_addr().unwrap());
+            assert_eq!(accepted, which, "connection from CPU {cpu} went to the other listener");
+        }
+    }
+}
