@@ -206,7 +206,10 @@ mod tests {
             .await
             .unwrap();
             assert_eq!(peer, client.local_addr().unwrap());
-            assert_eq!(accepted, which, "connection from CPU {cpu} went to the other listener");
+            assert_eq!(
+                accepted, which,
+                "connection from CPU {cpu} went to the other listener"
+            );
         }
     }
 }
