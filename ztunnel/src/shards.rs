@@ -44,7 +44,7 @@ pub struct Shards {
 
 struct Inner {
     shards: Vec<Shard>,
-    stops: std::sync::Mutex<Vec<(oneshot::Sender<()>, JoinHandle<()>)>>,
+    stops: Vec<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 /// Whether workers are pinned to CPUs.
@@ -80,10 +80,7 @@ impl Shards {
             stops.push((stop_tx, thread));
         }
         Ok(Self {
-            inner: Arc::new(Inner {
-                shards,
-                stops: std::sync::Mutex::new(stops),
-            }),
+            inner: Arc::new(Inner { shards, stops }),
         })
     }
 
@@ -105,11 +102,7 @@ impl Shards {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let stops = match self.stops.get_mut() {
-            Ok(s) => std::mem::take(s),
-            Err(p) => std::mem::take(p.into_inner()),
-        };
-        for (stop, thread) in stops {
+        for (stop, thread) in std::mem::take(&mut self.stops) {
             let _ = stop.send(());
             // A worker never blocks: its runtime stops at once, dropping its remaining tasks.
             if thread.thread().id() != std::thread::current().id() {
@@ -154,7 +147,7 @@ fn worker(
 }
 
 /// The CPUs this process may run on, in order.
-fn allowed_cpus() -> Option<Vec<usize>> {
+pub(crate) fn allowed_cpus() -> Option<Vec<usize>> {
     let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
     let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
         .filter(|&c| set.is_set(c).unwrap_or(false))
