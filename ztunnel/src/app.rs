@@ -85,8 +85,12 @@ pub async fn run(mut args: Args, logs: LogControl) -> anyhow::Result<()> {
     let certs = CertStore::new(provider, RotationConfig::default());
     spawn_rotation_metrics(&certs, metrics.clone(), shutdown.clone());
 
-    let shards = Shards::start(args.worker_threads, args.worker_affinity)
-        .context("starting data-path workers")?;
+    let shards = Shards::start(
+        args.worker_threads,
+        args.worker_affinity,
+        args.worker_busy_poll,
+    )
+    .context("starting data-path workers")?;
     let pinned: Vec<_> = shards.iter().filter_map(|s| s.cpu).collect();
     tracing::info!(workers = shards.len(), ?pinned, "data-path workers started");
     let shared = Shared {

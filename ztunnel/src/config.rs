@@ -176,6 +176,14 @@ pub struct Args {
         default_value = "auto"
     )]
     pub worker_affinity: crate::shards::Affinity,
+
+    /// How long a data-path worker keeps polling its sockets without sleeping after it last
+    /// did work (`0` turns busy-polling off). A sleeping worker must be woken by an
+    /// interrupt, which costs tens of microseconds per hop on VMs; polling trades that for CPU
+    /// time while traffic flows. An idle worker still sleeps, and each empty poll yields the
+    /// CPU to any runnable thread.
+    #[arg(long, env = "ZTUNNEL_WORKER_BUSY_POLL", default_value = "50us", value_parser = parse_duration)]
+    pub worker_busy_poll: Duration,
 }
 
 /// Accepts any path, including an empty one (Istio scripts set `LOCAL_XDS_PATH=""` to unset it).

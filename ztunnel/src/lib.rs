@@ -14,5 +14,6 @@ pub mod rbac;
 pub mod readiness;
 pub mod shards;
 pub mod socket;
+pub mod spin;
 pub mod state;
 pub mod xdshandler;

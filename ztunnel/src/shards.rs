@@ -12,6 +12,7 @@
 use std::cell::Cell;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -57,8 +58,9 @@ pub enum Affinity {
 }
 
 impl Shards {
-    /// Starts `workers` threads named `ztunnel-worker`, each running its own runtime.
-    pub fn start(workers: usize, affinity: Affinity) -> std::io::Result<Self> {
+    /// Starts `workers` threads named `ztunnel-worker`, each running its own runtime and
+    /// busy-polling for `busy_poll` after it last did work (see [`crate::spin`]).
+    pub fn start(workers: usize, affinity: Affinity, busy_poll: Duration) -> std::io::Result<Self> {
         let workers = workers.max(1);
         let cpus = match affinity {
             Affinity::Auto => allowed_cpus().filter(|c| c.len() == workers),
@@ -72,7 +74,7 @@ impl Shards {
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let thread = std::thread::Builder::new()
                 .name("ztunnel-worker".into())
-                .spawn(move || worker(index, cpu, handle_tx, stop_rx))?;
+                .spawn(move || worker(index, cpu, busy_poll, handle_tx, stop_rx))?;
             let handle = handle_rx
                 .recv()
                 .map_err(|_| std::io::Error::other("data-path worker exited at start"))??;
@@ -115,6 +117,7 @@ impl Drop for Inner {
 fn worker(
     index: usize,
     cpu: Option<usize>,
+    busy_poll: Duration,
     handle_tx: std::sync::mpsc::SyncSender<std::io::Result<Handle>>,
     stop: oneshot::Receiver<()>,
 ) {
@@ -128,8 +131,11 @@ fn worker(
         }
     }
     CURRENT.with(|c| c.set(Some(index)));
+    crate::spin::enable(busy_poll);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(crate::spin::before_park)
+        .on_thread_unpark(crate::spin::after_unpark)
         .build()
     {
         Ok(rt) => rt,
@@ -141,9 +147,7 @@ fn worker(
     if handle_tx.send(Ok(runtime.handle().clone())).is_err() {
         return;
     }
-    runtime.block_on(async {
-        let _ = stop.await;
-    });
+    let _ = runtime.block_on(crate::spin::driver(stop));
 }
 
 /// The CPUs this process may run on, in order.
@@ -161,7 +165,7 @@ mod tests {
 
     #[test]
     fn each_worker_runs_its_tasks_on_its_own_thread() {
-        let shards = Shards::start(2, Affinity::Off).unwrap();
+        let shards = Shards::start(2, Affinity::Off, Duration::ZERO).unwrap();
         assert_eq!(shards.len(), 2);
         for shard in shards.iter() {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -178,16 +182,16 @@ mod tests {
     #[test]
     fn auto_affinity_pins_only_with_one_worker_per_cpu() {
         let cpus = allowed_cpus().unwrap();
-        let shards = Shards::start(cpus.len(), Affinity::Auto).unwrap();
+        let shards = Shards::start(cpus.len(), Affinity::Auto, Duration::ZERO).unwrap();
         let pinned: Vec<_> = shards.iter().map(|s| s.cpu).collect();
         assert_eq!(pinned, cpus.iter().map(|&c| Some(c)).collect::<Vec<_>>());
-        let more = Shards::start(cpus.len() + 1, Affinity::Auto).unwrap();
+        let more = Shards::start(cpus.len() + 1, Affinity::Auto, Duration::ZERO).unwrap();
         assert!(more.iter().all(|s| s.cpu.is_none()));
     }
 
     #[test]
     fn dropping_the_shards_stops_their_threads() {
-        let shards = Shards::start(1, Affinity::Off).unwrap();
+        let shards = Shards::start(1, Affinity::Off, Duration::ZERO).unwrap();
         let handle = shards.iter().next().unwrap().handle.clone();
         drop(shards);
         let (tx, rx) = std::sync::mpsc::channel::<()>();
